@@ -1,0 +1,31 @@
+# `make demo` runs the main job on the embedded synthetic data; `make test` runs the tests.
+# Both create .venv and install the project on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-unit test-integration clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m flows.demo --config configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -ra tests
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -ra tests/unit
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest -ra tests/integration
+
+clean:
+	rm -rf data/synth mlflow.db mlartifacts ray_results

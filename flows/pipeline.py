@@ -1,0 +1,81 @@
+"""The tune -> register -> promote flow on prefect_ray.RayTaskRunner.
+
+The task that launches tuning asks Ray for a sliver of CPU only (its trials' Train workers hold
+the CPUs/GPUs); promotion evaluates two models and takes one CPU. Each task returns a plain
+dict summary that the next task takes explicitly.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect_ray import RayTaskRunner
+from prefect_ray.context import remote_options
+
+from instseg.config import Config, load, resolve_paths
+from instseg.data.coco import check_dataset_root
+from instseg.evaluation import evaluate_on_split
+from instseg.models.bundle import load_bundle
+from instseg.tracking.registry import download_bundle, promote, register_bundle
+from tuning.tune import ORCHESTRATION_CPUS, TuneSummary, run_tuning
+
+FLOW_NAME = "instseg-tune-register-promote"
+PROMOTION_CPUS = 1
+
+
+@task(name="tune")
+def tune_task(config: dict[str, Any]) -> dict[str, Any]:
+    return run_tuning(Config.model_validate(config)).to_dict()
+
+
+@task(name="register")
+def register_task(config: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
+    cfg = Config.model_validate(config)
+    summary = TuneSummary.from_dict(tuned)
+    with tempfile.TemporaryDirectory(prefix="instseg-register-") as tmp:
+        bundle = download_bundle(summary.tracking_uri, summary.best_bundle_uri, Path(tmp))
+        version = register_bundle(
+            summary.tracking_uri,
+            summary.best_run_id,
+            bundle,
+            cfg.registry.model_name,
+            tags={"study_run_id": summary.parent_run_id, "trial_id": summary.best_trial_id, "tune_fitness": summary.best_fitness},
+        )
+    get_run_logger().info("registered %s version %s (challenger)", cfg.registry.model_name, version)
+    return {"model_name": cfg.registry.model_name, "version": version, "tracking_uri": summary.tracking_uri}
+
+
+@task(name="promote")
+def promote_task(config: dict[str, Any], registered: dict[str, Any]) -> dict[str, Any]:
+    cfg = Config.model_validate(config)
+
+    def score(bundle_dir: Path) -> dict[str, float]:
+        model, label_map, _ = load_bundle(bundle_dir)
+        return evaluate_on_split(model, label_map, cfg.data, cfg.data.val_split, cfg.metrics.fitness_weights)
+
+    result = promote(registered["tracking_uri"], registered["model_name"], score)
+    get_run_logger().info(
+        "challenger v%s fitness %.5f vs champion %s: %s",
+        result.challenger_version,
+        result.challenger_fitness,
+        f"v{result.champion_version} fitness {result.champion_fitness:.5f}" if result.champion_version else "none",
+        "promoted" if result.promoted else "kept champion",
+    )
+    return result.to_dict()
+
+
+@flow(name=FLOW_NAME, task_runner=RayTaskRunner())
+def tune_register_promote(config_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Load the config (paths resolved against the flow's cwd), then tune, register, promote."""
+    cfg = resolve_paths(load(config_path, overrides or []))
+    check_dataset_root(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
+    config = cfg.model_dump()
+    with remote_options(num_cpus=ORCHESTRATION_CPUS):
+        tuned = tune_task.submit(config).result()
+        registered = register_task.submit(config, tuned).result()
+    with remote_options(num_cpus=PROMOTION_CPUS):
+        promoted = promote_task.submit(config, registered).result()
+    return {"tune": tuned, "registration": registered, "promotion": promoted}

@@ -1,0 +1,244 @@
+"""Run configuration: one pydantic model per section, loaded from YAML plus `a.b=c` overrides.
+
+Every key is documented in configs/demo.yaml (one line each, Ultralytics default.yaml style).
+Unknown keys and wrong types raise `ConfigError` with the dotted key and what is allowed;
+the entry points turn it into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from instseg.errors import ConfigError
+
+
+class _Section(BaseModel):
+    # extra="forbid" turns a typo in a key into an error instead of a silently ignored setting
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    root: str = "data/synth"
+    train_split: str = "train"
+    val_split: str = "val"
+    synth_images: int = Field(48, ge=2)
+    batch_size: int = Field(2, ge=1)
+    num_workers: int = Field(0, ge=0)
+    hflip_prob: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class ModelConfig(_Section):
+    arch: Literal["maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn", "tiny"] = "maskrcnn_resnet50_fpn_v2"
+    weights: str = "DEFAULT"
+    min_size: int = Field(800, ge=32)
+    max_size: int = Field(1333, ge=32)
+    trainable_backbone_layers: int = Field(3, ge=0, le=6)
+    box_score_thresh: float = Field(0.05, ge=0.0, le=1.0)
+    box_detections_per_img: int = Field(100, ge=1)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_known(cls, value: str) -> str:
+        if value.upper() in ("DEFAULT", "NONE") or value.endswith((".pt", ".pth")):
+            return value
+        raise ValueError("must be DEFAULT, none, or a path to a .pt/.pth state dict")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(12, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.02, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    lr_scheduler: Literal["cosine", "constant"] = "cosine"
+    warmup_iters: int = Field(50, ge=0)
+    log_every: int = Field(10, ge=1)
+
+
+class MetricsConfig(_Section):
+    # Fitness = sum(weight * metric): old Ultralytics segmentation fitness (0.1 mAP50 + 0.9 mAP50-95, box + mask)
+    fitness_weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "val/bbox_map50": 0.1,
+            "val/bbox_map": 0.9,
+            "val/segm_map50": 0.1,
+            "val/segm_map": 0.9,
+        }
+    )
+
+
+class RayConfig(_Section):
+    address: str | None = None
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    storage_path: str = "ray_results"
+    max_failures: int = Field(0, ge=-1)
+    checkpoints_to_keep: int = Field(2, ge=1)
+
+
+class TrackingConfig(_Section):
+    uri: str | None = None
+    experiment: str = "instseg"
+
+
+class RegistryConfig(_Section):
+    model_name: str = "instseg-maskrcnn"
+
+
+class SearchDimension(_Section):
+    type: Literal["loguniform", "uniform", "choice", "randint"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+
+class TuneConfig(_Section):
+    num_samples: int = Field(4, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1)
+    seed: int = 0
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    search_space: dict[str, SearchDimension] = Field(default_factory=dict)
+
+
+class Config(_Section):
+    seed: int = 0
+    run_name: str | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+
+def _describe_error(error: dict[str, Any], source: str) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        section = _section_at(tuple(error["loc"][:-1]))
+        allowed = ", ".join(sorted(section.model_fields)) if section else "see configs/demo.yaml"
+        return f"{source}: unknown config key '{key}' (allowed here: {allowed})"
+    got = error.get("input")
+    return f"{source}: invalid value for '{key}': {error['msg']} (got {got!r})"
+
+
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build a Config from a plain dict, turning the first validation error into a ConfigError."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe_error(exc.errors()[0], source)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=0.01` -> (['train', 'lr'], 0.01); the value is parsed as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def set_dotted(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    node = raw
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{'.'.join(path)}': '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load(path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load YAML (or the defaults when path is None) and apply `a.b=c` overrides."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {file} (try configs/demo.yaml)")
+        try:
+            raw = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{file}: not valid YAML: {exc}".splitlines()[0]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{file}: top level must be a mapping of sections")
+    for override in overrides:
+        keys, value = parse_override(override)
+        set_dotted(raw, keys, value)
+    cfg = validate(raw, source)
+    for dotted in cfg.tune.search_space:
+        check_dotted_key(dotted)
+    return cfg
+
+
+def check_dotted_key(dotted: str) -> None:
+    """Raise ConfigError unless `dotted` names a leaf key of Config (used for search spaces)."""
+    *sections, leaf = dotted.split(".")
+    model = _section_at(tuple(sections))
+    if model is None or leaf not in model.model_fields:
+        raise ConfigError(f"search space key '{dotted}' is not a config key")
+
+
+def with_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """A copy of cfg with dotted keys replaced (Tune's sampled parameters), validated again."""
+    raw = cfg.model_dump()
+    for dotted, value in values.items():
+        set_dotted(raw, dotted.split("."), value)
+    return validate(raw, "search space")
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """Dotted key -> scalar, for MLflow params (lists and dicts become their string form)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and prefix != "tune.search_space":
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            flat[prefix] = node if isinstance(node, (int, float, str, bool)) or node is None else str(node)
+
+    walk("", cfg.model_dump())
+    return flat
+
+
+def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
+    """Make relative paths absolute against `base` (the driver's cwd) before they reach Ray workers,
+
+    whose working directory is a Ray session folder, not the driver's."""
+    base = base or Path.cwd()
+    data_root = str((base / cfg.data.root).resolve())
+    storage = cfg.ray.storage_path
+    if "://" not in storage:
+        storage = str((base / storage).resolve())
+    weights = cfg.model.weights
+    if weights.endswith((".pt", ".pth")):
+        weights = str((base / weights).resolve())
+    return cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(update={"root": data_root}),
+            "ray": cfg.ray.model_copy(update={"storage_path": storage}),
+            "model": cfg.model.model_copy(update={"weights": weights}),
+        }
+    )

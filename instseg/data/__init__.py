@@ -1,0 +1,1 @@
+"""Datasets, the synthetic generator, transforms and loaders."""

@@ -1,0 +1,171 @@
+"""COCO-json instance segmentation dataset and the label mapping that travels with every model.
+
+Layout: ROOT/annotations/instances_{split}.json, images under ROOT/images/{split}/ (each
+image's `file_name` is relative to that folder).
+
+Target schema (torchvision detection models), one dict per image:
+    boxes     float32 [N, 4]  x1, y1, x2, y2 in pixels of the image as returned
+    labels    int64   [N]     contiguous labels 1..K (0 is background), see LabelMap
+    masks     uint8   [N, H, W] binary instance masks at image resolution
+    image_id  int             the COCO image id (links predictions back to the json)
+    area      float32 [N]     COCO annotation area (used by COCO eval size ranges)
+    iscrowd   int64   [N]     always 0: crowd regions are excluded from training targets
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+from instseg.errors import DataError
+
+Target = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """COCO category ids <-> contiguous model labels 1..K, with class names."""
+
+    category_ids: tuple[int, ...]
+    names: tuple[str, ...]
+
+    @classmethod
+    def from_categories(cls, categories: list[dict[str, Any]]) -> "LabelMap":
+        ordered = sorted(categories, key=lambda c: c["id"])
+        return cls(tuple(int(c["id"]) for c in ordered), tuple(str(c["name"]) for c in ordered))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LabelMap":
+        return cls(tuple(int(i) for i in data["category_ids"]), tuple(str(n) for n in data["names"]))
+
+    def to_dict(self) -> dict[str, list]:
+        return {"category_ids": list(self.category_ids), "names": list(self.names)}
+
+    @property
+    def num_classes(self) -> int:
+        """Model classes including background."""
+        return len(self.category_ids) + 1
+
+    def label(self, category_id: int) -> int:
+        return self.category_ids.index(category_id) + 1
+
+    def category_id(self, label: int) -> int:
+        return self.category_ids[label - 1]
+
+
+def annotation_path(root: str | Path, split: str) -> Path:
+    return Path(root) / "annotations" / f"instances_{split}.json"
+
+
+def load_coco(path: Path) -> COCO:
+    """pycocotools COCO without its chatter on stdout."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(path))
+
+
+def check_dataset_root(root: str | Path, splits: tuple[str, ...]) -> None:
+    """Raise DataError naming the missing path and how to create the data."""
+    for split in splits:
+        path = annotation_path(root, split)
+        if not path.is_file():
+            raise DataError(
+                f"dataset not found: {path} is missing. Create the synthetic dataset with "
+                f"`instseg data synth {root}` or point data.root at a COCO-format dataset "
+                f"(annotations/instances_{{split}}.json + images/{{split}}/)"
+            )
+
+
+def decode_masks(segmentations: list[Any], height: int, width: int) -> np.ndarray:
+    """Polygons, uncompressed or compressed RLE -> uint8 [N, H, W]."""
+    masks = np.zeros((len(segmentations), height, width), dtype=np.uint8)
+    for i, seg in enumerate(segmentations):
+        if isinstance(seg, list):
+            rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+        elif isinstance(seg.get("counts"), list):
+            rle = mask_utils.frPyObjects(seg, height, width)
+        else:
+            rle = seg
+        masks[i] = mask_utils.decode(rle)
+    return masks
+
+
+class CocoInstanceDataset(torch.utils.data.Dataset):
+    """(image float32 [3, H, W] in [0, 1], target) pairs; see the module docstring for the target."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        label_map: LabelMap | None = None,
+        transforms: Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]] | None = None,
+    ) -> None:
+        check_dataset_root(root, (split,))
+        self.root = Path(root)
+        self.split = split
+        self.annotation_file = annotation_path(root, split)
+        try:
+            self.coco = load_coco(self.annotation_file)
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise DataError(f"{self.annotation_file}: not a COCO instances file ({exc})") from None
+        self.label_map = label_map or LabelMap.from_categories(self.coco.loadCats(self.coco.getCatIds()))
+        self.image_ids = sorted(self.coco.getImgIds())
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def image_path(self, image_id: int) -> Path:
+        return self.root / "images" / self.split / self.coco.imgs[image_id]["file_name"]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+        image_id = self.image_ids[index]
+        path = self.image_path(image_id)
+        try:
+            image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        except (RuntimeError, OSError) as exc:
+            raise DataError(f"{self.annotation_file}: image id {image_id}: cannot read {path} ({exc})") from None
+        height, width = image.shape[-2:]
+        anns = [
+            a
+            for a in self.coco.imgToAnns.get(image_id, [])
+            if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1 and a.get("segmentation")
+        ]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2].clamp_(0, width)
+        boxes[:, 1::2].clamp_(0, height)
+        target: Target = {
+            "boxes": boxes,
+            "labels": torch.tensor([self.label_map.label(a["category_id"]) for a in anns], dtype=torch.int64),
+            "masks": torch.from_numpy(decode_masks([a["segmentation"] for a in anns], height, width)),
+            "image_id": image_id,
+            "area": torch.tensor([a["area"] for a in anns], dtype=torch.float32),
+            "iscrowd": torch.zeros(len(anns), dtype=torch.int64),
+        }
+        image = image.float().div_(255)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+def dataset_fingerprint(root: str | Path, splits: tuple[str, ...]) -> str:
+    """sha256 over the annotation files and image bytes of the splits: tags runs with their data."""
+    digest = hashlib.sha256()
+    for split in splits:
+        ann = annotation_path(root, split)
+        digest.update(ann.read_bytes())
+        for image in sorted((Path(root) / "images" / split).glob("*")):
+            digest.update(image.name.encode())
+            digest.update(image.read_bytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Training / evaluation loops, optimisation and checkpoint I/O."""

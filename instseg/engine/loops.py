@@ -1,0 +1,88 @@
+"""The training and evaluation loops (torchvision references/detection engine.py, trimmed).
+
+Both are plain PyTorch: Ray Train wraps the model and loader around them, the loops don't know.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from instseg.errors import InstsegError
+from instseg.metrics.coco_eval import CocoEvaluator
+from instseg.metrics.names import TRAIN_LOSS, TRAIN_LOSS_KEYS, train_key
+
+ProgressFn = Callable[[str], None]
+
+
+class NonFiniteLossError(InstsegError):
+    exit_code = 1
+
+
+def _to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device) -> tuple[list, list]:
+    images = [image.to(device, non_blocking=True) for image in images]
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable,
+    device: torch.device,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    log_every: int = 10,
+    progress: ProgressFn | None = None,
+) -> dict[str, float]:
+    """One pass over `loader`; returns this process's mean of each Mask R-CNN loss and their sum.
+
+    `scheduler` steps per iteration (warm-up + per-iteration decay)."""
+    model.train()
+    sums = dict.fromkeys((*TRAIN_LOSS_KEYS, "loss"), 0.0)
+    steps = 0
+    start = time.perf_counter()
+    for images, targets in loader:
+        images, targets = _to_device(images, targets, device)
+        loss_dict = model(images, targets)
+        loss = sum(loss_dict.values())
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at step {steps} "
+                f"({ {k: round(v.item(), 4) for k, v in loss_dict.items()} }): lower train.lr or check the data"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        for key, value in loss_dict.items():
+            sums[key] += value.item()
+        sums["loss"] += loss.item()
+        steps += 1
+        if progress is not None and steps % log_every == 0:
+            rate = steps / (time.perf_counter() - start)
+            progress(f"step {steps}: loss {sums['loss'] / steps:.4f} ({rate:.2f} it/s)")
+    steps = max(steps, 1)
+    means = {train_key(key): sums[key] / steps for key in TRAIN_LOSS_KEYS}
+    means[TRAIN_LOSS] = sums["loss"] / steps
+    return means
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, evaluator: CocoEvaluator) -> dict[str, float]:
+    """COCO bbox + segm metrics of `model` over `loader` (eval mode: BatchNorm statistics untouched)."""
+    was_training = model.training
+    model.eval()
+    evaluator.reset()
+    try:
+        for images, targets in loader:
+            images, _ = _to_device(images, [], device)
+            outputs = model(images)
+            evaluator.process(targets, outputs)
+    finally:
+        model.train(was_training)
+    return evaluator.compute()

@@ -1,0 +1,1 @@
+"""Metrics: COCO evaluation, fitness and the metric namespace."""

@@ -1,0 +1,36 @@
+"""The one metric namespace: `train/...`, `val/...` and the single ranking metric `fitness`.
+
+FITNESS ranks checkpoints (Ray Train CheckpointConfig), trials (Ray Tune) and registered models
+(promotion); FITNESS_MODE says which direction is better. Nothing else may rank anything.
+"""
+
+FITNESS = "fitness"
+FITNESS_MODE = "max"
+EPOCH = "epoch"
+
+TRAIN_LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+TRAIN_LOSS = "train/loss"
+
+# pycocotools COCOeval.stats order, under the names users know from torchmetrics / Ultralytics
+COCO_STAT_NAMES = (
+    "map",
+    "map50",
+    "map75",
+    "map_small",
+    "map_medium",
+    "map_large",
+    "mar1",
+    "mar10",
+    "mar100",
+    "mar_small",
+    "mar_medium",
+    "mar_large",
+)
+
+
+def train_key(loss_name: str) -> str:
+    return f"train/{loss_name}"
+
+
+def val_key(iou_type: str, stat: str) -> str:
+    return f"val/{iou_type}_{stat}"

@@ -1,0 +1,5 @@
+"""Model construction."""
+
+from instseg.models.factory import build_model, load_state_dict_file
+
+__all__ = ["build_model", "load_state_dict_file"]

@@ -1,0 +1,68 @@
+"""A model bundle: the form in which a trained model leaves training (registry, predict).
+
+    FOLDER/weights.pt   the model state dict: tensors only, loaded with weights_only=True
+    FOLDER/model.json   {"model": ModelConfig, "label_map": LabelMap, "metrics": {...}}
+
+Nothing in a bundle needs unpickling Python objects to load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from instseg.config import ModelConfig
+from instseg.data.coco import LabelMap
+from instseg.engine.checkpoint import atomic_torch_save, load_checkpoint
+from instseg.errors import InstsegError
+from instseg.models.factory import build_model, load_state_dict_file
+
+WEIGHTS_FILE = "weights.pt"
+META_FILE = "model.json"
+
+
+def write_bundle(folder: Path, state_dict: dict[str, torch.Tensor], model_cfg: dict[str, Any], label_map: dict[str, Any], metrics: dict[str, float] | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(state_dict, folder / WEIGHTS_FILE)
+    meta = {"model": {**model_cfg, "weights": "none"}, "label_map": label_map, "metrics": metrics or {}}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{META_FILE}.")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(meta, handle, indent=2)
+    os.replace(tmp, folder / META_FILE)
+    return folder
+
+
+def bundle_from_checkpoint(checkpoint: str | os.PathLike[str], folder: Path) -> Path:
+    """A training checkpoint (model + optimizer + ...) -> a bundle with the weights only."""
+    state = load_checkpoint(checkpoint)
+    return write_bundle(folder, state["model"], state["config"]["model"], state["label_map"], state.get("metrics"))
+
+
+def is_bundle(folder: Path) -> bool:
+    return (folder / WEIGHTS_FILE).is_file() and (folder / META_FILE).is_file()
+
+
+def load_bundle(folder: str | os.PathLike[str]) -> tuple[nn.Module, LabelMap, dict[str, Any]]:
+    """(model in eval mode, label map, metadata) from a bundle folder."""
+    folder = Path(folder)
+    if not is_bundle(folder):
+        raise InstsegError(f"{folder} is not a model bundle (needs {WEIGHTS_FILE} and {META_FILE})")
+    meta = json.loads((folder / META_FILE).read_text())
+    label_map = LabelMap.from_dict(meta["label_map"])
+    model = build_model(ModelConfig.model_validate(meta["model"]), label_map.num_classes)
+    model.load_state_dict(load_state_dict_file(folder / WEIGHTS_FILE))
+    return model.eval(), label_map, meta
+
+
+def copy_bundle(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS_FILE, META_FILE):
+        shutil.copy2(src / name, dst / name)
+    return dst

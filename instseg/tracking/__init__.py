@@ -1,0 +1,1 @@
+"""The only package that imports mlflow: runs, artifacts, registry and promotion."""

@@ -1,0 +1,138 @@
+"""Model registry: register a bundle as a new version (alias `challenger`) and promote to `champion`.
+
+Aliases replace MLflow's deprecated stages. Promotion compares challenger and champion on the same
+held-out data by FITNESS and moves `champion` only when the challenger is strictly better; both
+numbers are recorded as tags on the challenger's version.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import mlflow
+import yaml
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+import instseg
+from instseg.errors import InstsegError
+from instseg.metrics.names import FITNESS, FITNESS_MODE
+from instseg.models.bundle import is_bundle
+from instseg.tracking.pyfunc_model import BUNDLE_ARTIFACT
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+MODEL_ARTIFACT = "model"
+PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+PIP_REQUIREMENTS = ["torch", "torchvision", "pycocotools", "pydantic", "pyyaml", "pillow", "pandas"]
+
+
+@dataclass
+class PromotionResult:
+    model_name: str
+    challenger_version: str
+    challenger_fitness: float
+    champion_version: str | None
+    champion_fitness: float | None
+    promoted: bool
+    champion_after: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_uri(model_name: str, alias: str) -> str:
+    return f"models:/{model_name}@{alias}"
+
+
+def register_bundle(tracking_uri: str, run_id: str, bundle_dir: Path, model_name: str, tags: dict[str, str] | None = None) -> str:
+    """Log the bundle as a pyfunc model in `run_id`, register it, point `challenger` at it; returns the version."""
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    status = client.get_run(run_id).info.status
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=str(PYFUNC_ENTRY),
+            artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
+            code_paths=[str(Path(instseg.__file__).parent)],
+            pip_requirements=PIP_REQUIREMENTS,
+            registered_model_name=model_name,
+        )
+    client.set_terminated(run_id, status=status)  # logging reopened the run: keep its own outcome
+    version = str(info.registered_model_version)
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(model_name, version, key, str(value))
+    client.set_registered_model_alias(model_name, CHALLENGER, version)
+    return version
+
+
+def _version_for(client: MlflowClient, model_name: str, alias: str) -> Any | None:
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+
+
+def aliases(tracking_uri: str, model_name: str) -> dict[str, str]:
+    """alias -> version of a registered model."""
+    return dict(MlflowClient(tracking_uri).get_registered_model(model_name).aliases)
+
+
+def download_bundle(tracking_uri: str, uri: str, dst: Path) -> Path:
+    """Fetch a registered model (models:/NAME@alias, models:/NAME/3) or a logged bundle (runs:/ID/bundle); return its bundle folder."""
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except MlflowException as exc:
+        raise InstsegError(f"cannot load model {uri} from {tracking_uri}: {exc.message.splitlines()[0]}") from None
+    if is_bundle(local):  # runs:/ID/bundle: a bundle logged by a training run
+        return local
+    if not (local / "MLmodel").is_file():
+        raise InstsegError(f"{uri} is neither an instseg model bundle nor an MLflow model")
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    relative = mlmodel["flavors"]["python_function"]["artifacts"][BUNDLE_ARTIFACT]["path"]
+    bundle = local / relative
+    if not is_bundle(bundle):
+        raise InstsegError(f"{uri} does not hold an instseg model bundle")
+    return bundle
+
+
+def promote(tracking_uri: str, model_name: str, score: Callable[[Path], dict[str, float]]) -> PromotionResult:
+    """Evaluate challenger and champion with `score(bundle_dir)`; move `champion` if the challenger wins."""
+    client = MlflowClient(tracking_uri)
+    challenger = _version_for(client, model_name, CHALLENGER)
+    if challenger is None:
+        raise InstsegError(f"registered model '{model_name}' has no '{CHALLENGER}' alias: register a model first")
+    champion = _version_for(client, model_name, CHAMPION)
+    with tempfile.TemporaryDirectory(prefix="instseg-promote-") as tmp:
+        challenger_metrics = score(download_bundle(tracking_uri, f"models:/{model_name}/{challenger.version}", Path(tmp) / "challenger"))
+        champion_metrics = None
+        if champion is not None:
+            champion_metrics = score(download_bundle(tracking_uri, f"models:/{model_name}/{champion.version}", Path(tmp) / "champion"))
+    challenger_fit = challenger_metrics[FITNESS]
+    champion_fit = champion_metrics[FITNESS] if champion_metrics else None
+    better = (lambda a, b: a > b) if FITNESS_MODE == "max" else (lambda a, b: a < b)
+    promoted = champion is None or (champion.version != challenger.version and better(challenger_fit, champion_fit))
+    tags = {
+        f"promotion.challenger_{FITNESS}": challenger_fit,
+        f"promotion.champion_{FITNESS}": "none" if champion_fit is None else champion_fit,
+        "promotion.champion_version": "none" if champion is None else champion.version,
+        "promotion.decision": "promoted" if promoted else "kept champion",
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, challenger.version, key, str(value))
+    if promoted:
+        client.set_registered_model_alias(model_name, CHAMPION, challenger.version)
+    return PromotionResult(
+        model_name=model_name,
+        challenger_version=str(challenger.version),
+        challenger_fitness=challenger_fit,
+        champion_version=None if champion is None else str(champion.version),
+        champion_fitness=champion_fit,
+        promoted=promoted,
+        champion_after=str(challenger.version if promoted else champion.version),
+    )

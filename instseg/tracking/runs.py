@@ -1,0 +1,128 @@
+"""MLflow runs: tracking URI resolution, experiments, (nested) runs and a rank-0 run logger.
+
+Runs are created by drivers (the train entry point, the tuning study, each trial driver) and
+their ids are handed down explicitly; workers only log into a run id they were given.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+LIBRARIES = ("torch", "torchvision", "ray", "mlflow", "prefect", "optuna", "pycocotools", "instseg")
+_MAX_PARAM_LENGTH = 6000
+
+
+def resolve_tracking_uri(uri: str | None = None, base: Path | None = None) -> str:
+    """config value > MLFLOW_TRACKING_URI > sqlite:///mlflow.db; relative sqlite/file paths made absolute
+
+    against `base` (the driver's cwd), because Ray workers run in another directory."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    base = base or Path.cwd()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str((base / uri[len("sqlite:///") :]).resolve())
+    if "://" not in uri:
+        return str((base / uri).resolve())
+    return uri
+
+
+def _default_artifact_location(uri: str) -> str | None:
+    """Beside the sqlite file, so artifacts never land in whatever cwd a worker has."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :]).parent.joinpath("mlartifacts").as_uri()
+    return None
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=_default_artifact_location(client.tracking_uri))
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[f"version.{name}"] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def create_run(
+    tracking_uri: str,
+    experiment: str,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> str:
+    """A new RUNNING run (a child of `parent_run_id` when given); returns its id."""
+    client = MlflowClient(tracking_uri)
+    all_tags = {**library_versions(), **(tags or {})}
+    if parent_run_id:
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    if run_name:
+        all_tags[MLFLOW_RUN_NAME] = run_name
+    run = client.create_run(ensure_experiment(client, experiment), tags=all_tags, run_name=run_name)
+    return run.info.run_id
+
+
+class RunLogger:
+    """Logs into one existing run by id, without touching MLflow's global active-run state."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        items = [Param(k, str(v)[:_MAX_PARAM_LENGTH]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """status: FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(self.run_id, status=status)
+
+    def status(self) -> str:
+        return self.client.get_run(self.run_id).info.status
+
+    def history(self, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+
+
+def is_terminal(status: str) -> bool:
+    return RunStatus.is_terminated(RunStatus.from_string(status))
+
+
+def child_runs(tracking_uri: str, parent_run_id: str) -> list[Any]:
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    return client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
+        max_results=10000,
+    )

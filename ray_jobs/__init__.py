@@ -1,0 +1,1 @@
+"""Ray Train jobs: the worker loop, the trainer builder and the `python -m ray_jobs.train` entry point."""

@@ -1,0 +1,52 @@
+"""Train once on Ray Train.
+
+    python -m ray_jobs.train --config configs/demo.yaml [key=value ...]
+    ray job submit --working-dir . -- python -m ray_jobs.train --config configs/demo.yaml
+
+Without a cluster address (ray.address, RAY_ADDRESS) it runs on a private local Ray instance:
+the single-GPU or CPU mode.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Sequence
+
+from instseg.config import Config
+from instseg.data.coco import check_dataset_root, dataset_fingerprint
+from instseg.tracking.runs import create_run, resolve_tracking_uri
+from ray_jobs.cli_common import config_parser, load_config, run_cli
+from ray_jobs.runtime import init_ray
+from ray_jobs.trainer import TrainSummary, build_trainer, fit_and_log
+
+
+def run_training(cfg: Config) -> TrainSummary:
+    """cfg with absolute paths -> a finished MLflow run and its best checkpoint."""
+    check_dataset_root(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
+    tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
+    name = cfg.run_name or time.strftime("train-%Y%m%d-%H%M%S")
+    run_id = create_run(
+        tracking_uri,
+        cfg.tracking.experiment,
+        run_name=name,
+        tags={"instseg.kind": "train", "instseg.dataset_fingerprint": dataset_fingerprint(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))},
+    )
+    print(f"MLflow run {run_id} ({tracking_uri})", flush=True)
+    trainer = build_trainer(cfg, tracking_uri=tracking_uri, run_id=run_id, name=name)
+    return fit_and_log(trainer, tracking_uri, run_id)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = config_parser("python -m ray_jobs.train", "Train Mask R-CNN on Ray Train").parse_args(argv)
+    cfg = load_config(args)
+    check_dataset_root(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
+    init_ray(cfg.ray.address)
+    summary = run_training(cfg)
+    print(json.dumps(summary.to_dict(), indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

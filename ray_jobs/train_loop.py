@@ -1,0 +1,130 @@
+"""The Ray Train worker loop: the one training loop that plain training and every Tune trial run.
+
+Per epoch: train (all five Mask R-CNN losses, averaged across ranks), COCO-evaluate the
+validation split on rank 0 and share the result, compute FITNESS, then exactly one
+`ray.train.report` with a checkpoint from rank 0 (each report blocks ~2 s in Train V2:
+never report per step). Rank 0 also logs params, per-epoch metrics and the config to the MLflow
+run whose id the driver passed down.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from instseg.config import Config, flatten
+from instseg.data.loaders import build_datasets, build_loader
+from instseg.engine.checkpoint import load_checkpoint, save_checkpoint
+from instseg.engine.loops import evaluate, train_one_epoch
+from instseg.engine.optim import build_optimizer, build_scheduler
+from instseg.metrics.coco_eval import CocoEvaluator
+from instseg.metrics.fitness import fitness
+from instseg.metrics.names import EPOCH, FITNESS
+from instseg.models import build_model
+from instseg.tracking.runs import RunLogger
+
+
+def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    tensor /= dist.get_world_size()
+    return dict(zip(keys, tensor.tolist()))
+
+
+def _from_rank_zero(value: Any) -> Any:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """loop_config: {"config": Config.model_dump(), "tracking_uri": str, "run_id": str}."""
+    cfg = Config.model_validate(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(cfg.seed + rank)
+
+    train_set, val_set = build_datasets(cfg.data)
+    label_map = train_set.label_map
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(build_model(cfg.model, label_map.num_classes))
+    core = getattr(model, "module", model)  # unwrapped for eval and state dicts
+    train_loader = ray.train.torch.prepare_data_loader(
+        build_loader(train_set, cfg.data, shuffle=True, seed=cfg.seed), move_to_device=False
+    )
+    optimizer = build_optimizer(core, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, len(train_loader))
+
+    start_epoch = 0
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as folder:
+            state = load_checkpoint(folder)
+        core.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])
+
+    logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    if logger is not None and start_epoch == 0:
+        logger.log_params({**flatten(cfg), "ray.world_size": world_size})
+        logger.log_dict(cfg.model_dump(), "config.yaml")
+        logger.log_dict(label_map.to_dict(), "label_map.json")
+    val_loader = build_loader(val_set, cfg.data, shuffle=False)
+    evaluator = CocoEvaluator(val_set.coco, label_map)
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        started = time.perf_counter()
+        if world_size > 1 and hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        progress = (lambda line: print(f"[epoch {epoch + 1}] {line}", flush=True)) if rank == 0 else None
+        train_metrics = _mean_across_ranks(
+            train_one_epoch(model, optimizer, train_loader, device, scheduler, cfg.train.log_every, progress)
+        )
+        val_metrics = _from_rank_zero(evaluate(core, val_loader, device, evaluator) if rank == 0 else None)
+        metrics = {
+            EPOCH: epoch + 1,
+            **train_metrics,
+            **val_metrics,
+            "train/lr": optimizer.param_groups[0]["lr"],
+            "time/epoch_s": time.perf_counter() - started,
+            FITNESS: fitness(val_metrics, cfg.metrics.fitness_weights),
+        }
+        if logger is None:
+            ray.train.report(metrics)
+            continue
+        logger.log_metrics(metrics, step=epoch + 1)
+        print(
+            f"epoch {epoch + 1}/{cfg.train.epochs}: train/loss {metrics['train/loss']:.4f} "
+            f"val/segm_map {metrics['val/segm_map']:.4f} {FITNESS} {metrics[FITNESS]:.4f} "
+            f"({metrics['time/epoch_s']:.1f} s)",
+            flush=True,
+        )
+        with tempfile.TemporaryDirectory(prefix="instseg-ckpt-") as folder:
+            save_checkpoint(
+                Path(folder),
+                model=core,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                epoch=epoch + 1,
+                config=cfg.model_dump(),
+                label_map=label_map.to_dict(),
+                metrics=metrics,
+            )
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(folder),
+                checkpoint_dir_name=f"epoch_{epoch + 1:04d}",
+            )

@@ -1,0 +1,1 @@
+"""Ray Tune: search space from YAML, Optuna TPE, ASHA, and trial drivers that reuse ray_jobs.build_trainer."""

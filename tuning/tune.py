@@ -1,0 +1,263 @@
+"""Hyperparameter search on Ray Tune with Optuna TPE and ASHA early stopping.
+
+    python -m tuning.tune --config configs/demo.yaml [key=value ...]
+
+Train V2 pattern: each trial is a driver function that builds the same TorchTrainer as plain
+training (ray_jobs.trainer.build_trainer) with TuneReportCallback forwarding rank-0 metrics.
+MLflow: one parent run for the study, one child run per trial (mlflow.parentRunId).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import optuna
+import ray.train
+from ray import tune
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from instseg.config import Config, flatten, with_values
+from instseg.data.coco import check_dataset_root, dataset_fingerprint
+from instseg.errors import ConfigError
+from instseg.metrics.names import EPOCH, FITNESS, FITNESS_MODE
+from instseg.tracking.runs import RunLogger, child_runs, create_run, is_terminal, resolve_tracking_uri
+from ray_jobs.cli_common import config_parser, load_config, run_cli
+from ray_jobs.runtime import init_ray
+from ray_jobs.trainer import build_trainer, fit_and_log, log_checkpoint_bundle
+from tuning.search_space import build_param_space
+
+# Orchestration layers (trial drivers, flow tasks) hold a sliver of CPU so that only Train
+# workers hold whole CPUs/GPUs: nested whole-CPU requests deadlock small machines.
+ORCHESTRATION_CPUS = 0.01
+TRIAL_ID_TAG = "instseg.trial_id"
+STOPPED_EARLY_TAG = "instseg.stopped_early"
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str
+    run_id: str | None
+    params: dict[str, Any]
+    epochs: int
+    fitness: float | None
+    best_fitness: float | None
+    status: str  # completed | stopped_early | error
+
+
+@dataclass
+class TuneSummary:
+    """What a study hands to registration: the parent run, the best trial and its model bundle."""
+
+    parent_run_id: str
+    tracking_uri: str
+    best_trial_id: str
+    best_run_id: str
+    best_params: dict[str, Any]
+    best_fitness: float
+    best_bundle_uri: str
+    trials: list[TrialSummary] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TuneSummary":
+        return cls(**{**data, "trials": [TrialSummary(**t) for t in data["trials"]]})
+
+
+def trial_driver(params: dict[str, Any], *, base_config: dict[str, Any], tracking_uri: str, parent_run_id: str, study: str) -> None:
+    """One Tune trial: the sampled params applied to the base config, trained by build_trainer."""
+    cfg = with_values(Config.model_validate(base_config), params)
+    trial_id = tune.get_context().get_trial_id()
+    run_id = create_run(
+        tracking_uri,
+        cfg.tracking.experiment,
+        run_name=f"trial-{trial_id}",
+        parent_run_id=parent_run_id,
+        tags={TRIAL_ID_TAG: trial_id, "instseg.kind": "trial"},
+    )
+    trainer = build_trainer(cfg, tracking_uri=tracking_uri, run_id=run_id, name=f"{study}-{trial_id}", callbacks=[TuneReportCallback()])
+    fit_and_log(trainer, tracking_uri, run_id)
+
+
+def check_search_space(cfg: Config) -> None:
+    """Every value the space can produce must be a valid config value: fail before any trial starts."""
+    for key, dim in cfg.tune.search_space.items():
+        samples = dim.values if dim.type == "choice" else [dim.low, dim.high]
+        for value in samples or []:
+            if dim.type == "randint":
+                value = int(value)
+            try:
+                with_values(cfg, {key: value})
+            except ConfigError as exc:
+                raise ConfigError(f"tune.search_space.{key}: {exc}") from None
+
+
+def _scheduler(cfg: Config) -> Any:
+    if cfg.tune.scheduler == "none":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr=EPOCH,
+        max_t=cfg.train.epochs,
+        grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
+        reduction_factor=cfg.tune.reduction_factor,
+    )
+
+
+def _summarise_trials(grid: Any, cfg: Config, runs_by_trial: dict[str, Any]) -> list[TrialSummary]:
+    trials = []
+    for result in grid:
+        history = result.metrics_dataframe
+        trial_id = str(result.metrics.get("trial_id") or Path(result.path).name)
+        epochs = int(result.metrics.get(EPOCH, 0) or 0)
+        if result.error is not None:
+            status = "error"
+        elif epochs < cfg.train.epochs:
+            status = "stopped_early"
+        else:
+            status = "completed"
+        has_fitness = history is not None and FITNESS in history
+        run = runs_by_trial.get(trial_id)
+        trials.append(
+            TrialSummary(
+                trial_id=trial_id,
+                run_id=run.info.run_id if run else None,
+                params={k: v for k, v in (result.config or {}).items()},
+                epochs=epochs,
+                fitness=float(result.metrics[FITNESS]) if FITNESS in result.metrics else None,
+                best_fitness=float(history[FITNESS].max()) if has_fitness else None,
+                status=status,
+            )
+        )
+    return trials
+
+
+def _close_trial_runs(tracking_uri: str, trials: list[TrialSummary]) -> None:
+    """Runs of trials that ASHA stopped (their driver was killed) or that failed get a final status."""
+    for trial in trials:
+        if trial.run_id is None:
+            continue
+        logger = RunLogger(tracking_uri, trial.run_id)
+        logger.set_tags({STOPPED_EARLY_TAG: str(trial.status == "stopped_early").lower(), "instseg.trial_status": trial.status})
+        if not is_terminal(logger.status()):
+            logger.finish({"stopped_early": "KILLED", "error": "FAILED"}.get(trial.status, "FINISHED"))
+
+
+def run_tuning(cfg: Config) -> TuneSummary:
+    """cfg with absolute paths -> a finished study: parent + child MLflow runs and the best model bundle."""
+    check_dataset_root(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
+    param_space = build_param_space(cfg.tune.search_space)
+    check_search_space(cfg)
+    tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
+    study = cfg.run_name or time.strftime("study-%Y%m%d-%H%M%S")
+    parent_run_id = create_run(
+        tracking_uri,
+        cfg.tracking.experiment,
+        run_name=study,
+        tags={"instseg.kind": "study", "instseg.dataset_fingerprint": dataset_fingerprint(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))},
+    )
+    parent = RunLogger(tracking_uri, parent_run_id)
+    parent.log_params(flatten(cfg))
+    parent.log_dict({k: v.model_dump() for k, v in cfg.tune.search_space.items()}, "search_space.json")
+    print(f"study {study}: MLflow parent run {parent_run_id} ({tracking_uri})", flush=True)
+
+    driver = tune.with_parameters(
+        trial_driver, base_config=cfg.model_dump(), tracking_uri=tracking_uri, parent_run_id=parent_run_id, study=study
+    )
+    tuner = tune.Tuner(
+        tune.with_resources(driver, {"cpu": ORCHESTRATION_CPUS}),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=FITNESS,
+            mode=FITNESS_MODE,
+            search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed)),
+            scheduler=_scheduler(cfg),
+            num_samples=cfg.tune.num_samples,
+            max_concurrent_trials=cfg.tune.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(name=study, storage_path=cfg.ray.storage_path, verbose=1),
+    )
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+
+    runs_by_trial = {run.data.tags.get(TRIAL_ID_TAG): run for run in child_runs(tracking_uri, parent_run_id)}
+    trials = _summarise_trials(grid, cfg, runs_by_trial)
+    _close_trial_runs(tracking_uri, trials)
+    scored = [t for t in trials if t.best_fitness is not None and t.run_id is not None]
+    if not scored:
+        parent.finish("FAILED")
+        errors = [str(r.error).splitlines()[0] for r in grid if r.error is not None]
+        raise RuntimeError(f"no trial reported {FITNESS}; first error: {errors[0] if errors else 'none'}")
+
+    best_result = grid.get_best_result(metric=FITNESS, mode=FITNESS_MODE, scope="all")
+    best_trial_id = str(best_result.metrics.get("trial_id"))
+    best = next(t for t in scored if t.trial_id == best_trial_id)
+    history = best_result.metrics_dataframe
+    checkpoint_path = history.loc[history[FITNESS].idxmax(), CHECKPOINT_PATH_KEY]
+    # trial runs log their own bundle when they finish; a stopped best trial gets it here
+    best_bundle_uri = log_checkpoint_bundle(RunLogger(tracking_uri, best.run_id), ray.train.Checkpoint(checkpoint_path))
+
+    summary = TuneSummary(
+        parent_run_id=parent_run_id,
+        tracking_uri=tracking_uri,
+        best_trial_id=best.trial_id,
+        best_run_id=best.run_id,
+        best_params=best.params,
+        best_fitness=float(best.best_fitness),
+        best_bundle_uri=best_bundle_uri,
+        trials=trials,
+    )
+    parent.log_metrics(
+        {
+            f"best/{FITNESS}": summary.best_fitness,
+            "trials/total": len(trials),
+            "trials/stopped_early": sum(t.status == "stopped_early" for t in trials),
+            "trials/error": sum(t.status == "error" for t in trials),
+        },
+        step=0,
+    )
+    parent.log_params({f"best.{k}": v for k, v in best.params.items()})
+    parent.set_tags({"instseg.best_run_id": best.run_id, "instseg.best_trial_id": best.trial_id})
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "trials.json"
+        table.write_text(json.dumps([asdict(t) for t in trials], indent=2, default=str))
+        parent.log_artifact(table)
+    parent.finish("FINISHED")
+    return summary
+
+
+def format_trials(summary: TuneSummary) -> str:
+    lines = [f"{'trial':<14}{'status':<15}{'epochs':>7}{FITNESS:>12}  params"]
+    for t in sorted(summary.trials, key=lambda t: -(t.best_fitness or -1)):
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+        best = f"{t.best_fitness:.5f}" if t.best_fitness is not None else "-"
+        lines.append(f"{t.trial_id:<14}{t.status:<15}{t.epochs:>7}{best:>12}  {params}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = config_parser("python -m tuning.tune", "Tune Mask R-CNN hyperparameters on Ray Tune").parse_args(argv)
+    cfg = load_config(args)
+    check_dataset_root(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
+    build_param_space(cfg.tune.search_space)
+    check_search_space(cfg)
+    init_ray(cfg.ray.address)
+    summary = run_tuning(cfg)
+    print(format_trials(summary))
+    print(f"best trial {summary.best_trial_id}: {FITNESS} {summary.best_fitness:.5f}, model bundle {summary.best_bundle_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
