@@ -223,10 +223,26 @@ def flatten(cfg: Config) -> dict[str, Any]:
     return flat
 
 
-def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
-    """Make relative paths absolute against `base` (the driver's cwd) before they reach Ray workers,
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
-    whose working directory is a Ray session folder, not the driver's."""
+
+def absolute_tracking_uri(uri: str | None, base: Path | None = None) -> str:
+    """config value > MLFLOW_TRACKING_URI > sqlite:///mlflow.db, with a relative sqlite or file path
+
+    made absolute against `base` (default: the cwd)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    base = base or Path.cwd()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str((base / uri[len("sqlite:///") :]).resolve())
+    if "://" not in uri:
+        return str((base / uri).resolve())
+    return uri
+
+
+def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
+    """Make relative paths and the tracking URI absolute against `base` (the driver's cwd) before
+
+    they reach Ray tasks and workers, whose working directory is not the driver's."""
     base = base or Path.cwd()
     data_root = str((base / cfg.data.root).resolve())
     storage = cfg.ray.storage_path
@@ -240,5 +256,6 @@ def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
             "data": cfg.data.model_copy(update={"root": data_root}),
             "ray": cfg.ray.model_copy(update={"storage_path": storage}),
             "model": cfg.model.model_copy(update={"weights": weights}),
+            "tracking": cfg.tracking.model_copy(update={"uri": absolute_tracking_uri(cfg.tracking.uri, base)}),
         }
     )

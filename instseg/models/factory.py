@@ -61,8 +61,7 @@ def _build_r50(cfg: ModelConfig, num_classes: int, pretrained: bool) -> MaskRCNN
         return builder(
             weights=None,
             weights_backbone=None,
-            num_classes=num_classes,
-            trainable_backbone_layers=5,
+            num_classes=num_classes,  # random init: every layer trains
             **_common_kwargs(cfg),
         )
     model = builder(weights=default_weights, trainable_backbone_layers=cfg.trainable_backbone_layers, **_common_kwargs(cfg))

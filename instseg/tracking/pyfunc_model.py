@@ -2,7 +2,7 @@
 
 Logged as models-from-code (pyfunc_entry.py) with the bundle folder as an artifact, so loading a
 registered model never unpickles Python objects: weights load with weights_only=True.
-Input: a DataFrame with a `path` column (image files) and optionally `image_id`.
+Input: a list of image paths.
 Output: a DataFrame of COCO results (image_id, category_id, bbox, score, segmentation as RLE).
 """
 
@@ -22,12 +22,10 @@ class InstanceSegmentationModel(mlflow.pyfunc.PythonModel):
 
         self.model, self.label_map, self.meta = load_bundle(Path(context.artifacts[BUNDLE_ARTIFACT]))
 
-    def predict(self, context, model_input, params=None):  # untyped: MLflow derives a schema from hints
+    def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> Any:
+        """model_input: image paths (a numeric file name is taken as the COCO image id)."""
         import pandas as pd
 
         from instseg.predict import predict_paths
 
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"path": list(model_input)})
-        ids = frame["image_id"].tolist() if "image_id" in frame else None
-        results = predict_paths(self.model, self.label_map, frame["path"].tolist(), image_ids=ids)
-        return pd.DataFrame(results)
+        return pd.DataFrame(predict_paths(self.model, self.label_map, list(model_input)))

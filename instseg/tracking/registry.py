@@ -79,7 +79,7 @@ def _version_for(client: MlflowClient, model_name: str, alias: str) -> Any | Non
 
 def aliases(tracking_uri: str, model_name: str) -> dict[str, str]:
     """alias -> version of a registered model."""
-    return dict(MlflowClient(tracking_uri).get_registered_model(model_name).aliases)
+    return {alias: str(version) for alias, version in MlflowClient(tracking_uri).get_registered_model(model_name).aliases.items()}
 
 
 def download_bundle(tracking_uri: str, uri: str, dst: Path) -> Path:

@@ -16,22 +16,15 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+from instseg.config import absolute_tracking_uri
+
 LIBRARIES = ("torch", "torchvision", "ray", "mlflow", "prefect", "optuna", "pycocotools", "instseg")
 _MAX_PARAM_LENGTH = 6000
 
 
 def resolve_tracking_uri(uri: str | None = None, base: Path | None = None) -> str:
-    """config value > MLFLOW_TRACKING_URI > sqlite:///mlflow.db; relative sqlite/file paths made absolute
-
-    against `base` (the driver's cwd), because Ray workers run in another directory."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    base = base or Path.cwd()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str((base / uri[len("sqlite:///") :]).resolve())
-    if "://" not in uri:
-        return str((base / uri).resolve())
-    return uri
+    """The tracking URI to use (see config.absolute_tracking_uri): Ray workers run in another cwd."""
+    return absolute_tracking_uri(uri, base)
 
 
 def _default_artifact_location(uri: str) -> str | None:

@@ -1,0 +1,90 @@
+"""The Prefect flow (tune -> register -> promote) on RayTaskRunner under a real Prefect test server,
+then prediction with the champion loaded back by pycocotools."""
+
+import asyncio
+import json
+
+import pytest
+from mlflow import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from instseg.cli import main as cli_main
+from instseg.data.coco import load_coco
+from instseg.evaluation import evaluate_on_split
+from instseg.metrics.names import FITNESS
+from instseg.models.bundle import load_bundle
+from instseg.tracking.registry import CHALLENGER, CHAMPION, aliases, download_bundle, promote, register_bundle
+from tests.conftest import DEMO_CONFIG, TINY
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+async def _flow_run_states(flow_name: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    async with get_client() as client:
+        runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
+    return [run.state.type.value for run in runs]
+
+
+def test_flow_tunes_registers_promotes_and_champion_predicts(prefect_server, local_ray, synth_root, tmp_path, monkeypatch):
+    from flows.pipeline import FLOW_NAME, tune_register_promote
+
+    monkeypatch.chdir(tmp_path)  # relative paths in the overrides resolve against the flow's cwd
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [*TINY, f"data.root={synth_root}", "tracking.uri=sqlite:///mlflow.db", "ray.storage_path=ray_results",
+                 "train.epochs=1", "tune.num_samples=2", "registry.model_name=flow-test"]
+    result = tune_register_promote(config_path=str(DEMO_CONFIG), overrides=overrides)
+
+    assert asyncio.run(_flow_run_states(FLOW_NAME)) == ["COMPLETED"]
+    assert result["registration"]["version"] == "1"
+    assert result["promotion"]["promoted"] and result["promotion"]["champion_version"] is None
+    assert aliases(tracking_uri, "flow-test") == {CHALLENGER: "1", CHAMPION: "1"}
+    client = MlflowClient(tracking_uri)
+    version = client.get_model_version("flow-test", "1")
+    assert version.run_id == result["tune"]["best_run_id"]
+    assert float(version.tags[f"promotion.challenger_{FITNESS}"]) == pytest.approx(result["promotion"]["challenger_fitness"])
+
+    # the registered model is weights + config: no pickled Python objects anywhere in it
+    model_dir = download_bundle(tracking_uri, "models:/flow-test@champion", tmp_path / "dl").parent.parent
+    assert not list(model_dir.rglob("*.pkl")) and not list(model_dir.rglob("python_model.pkl"))
+
+    images = sorted(str(p) for p in (synth_root / "images" / "val").glob("*.jpg"))
+    out = tmp_path / "preds.json"
+    assert cli_main(["predict", "--model", "models:/flow-test@champion", *images, "--out", str(out), "--tracking-uri", tracking_uri]) == 0
+    results = json.loads(out.read_text())
+    assert results and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(results[0])
+    gt = load_coco(synth_root / "annotations" / "instances_val.json")
+    detections = gt.loadRes(results)
+    assert set(detections.getImgIds()) <= set(gt.getImgIds()) and len(detections.anns) == len(results)
+
+
+def test_promotion_keeps_champion_unless_strictly_better(local_ray, tiny_config, tmp_path):
+    """Register one bundle twice: equal fitness must not move `champion`; both numbers are recorded."""
+    from ray_jobs.train import run_training
+
+    cfg = tiny_config("train.epochs=1", "registry.model_name=gate-test")
+    trained = run_training(cfg)
+    bundle = download_bundle(trained.tracking_uri, trained.bundle_uri, tmp_path / "b")
+
+    def score(bundle_dir):
+        model, label_map, _ = load_bundle(bundle_dir)
+        return evaluate_on_split(model, label_map, cfg.data, cfg.data.val_split, cfg.metrics.fitness_weights)
+
+    assert register_bundle(trained.tracking_uri, trained.run_id, bundle, "gate-test") == "1"
+    first = promote(trained.tracking_uri, "gate-test", score)
+    assert first.promoted and first.champion_after == "1"
+    assert register_bundle(trained.tracking_uri, trained.run_id, bundle, "gate-test") == "2"
+    second = promote(trained.tracking_uri, "gate-test", score)
+    assert not second.promoted and second.champion_fitness == pytest.approx(second.challenger_fitness)
+    assert aliases(trained.tracking_uri, "gate-test") == {CHALLENGER: "2", CHAMPION: "1"}
+    tags = MlflowClient(trained.tracking_uri).get_model_version("gate-test", "2").tags
+    assert tags["promotion.decision"] == "kept champion" and tags["promotion.champion_version"] == "1"
+    assert MlflowClient(trained.tracking_uri).get_run(trained.run_id).info.status == "FINISHED"

@@ -1,0 +1,50 @@
+import json
+
+import pytest
+import torch
+
+from instseg.data.coco import CocoInstanceDataset, load_coco
+from instseg.metrics.coco_eval import CocoEvaluator, coco_stats
+from instseg.metrics.fitness import fitness
+from instseg.metrics.names import COCO_STAT_NAMES
+from tests.conftest import shared_dir
+
+COCOAPI = shared_dir() / "coco_eval" / "cocoapi_val2014_100"
+
+
+def test_ground_truth_as_predictions_scores_perfectly(synth_root):
+    dataset = CocoInstanceDataset(synth_root, "val")
+    evaluator = CocoEvaluator(dataset.coco, dataset.label_map)
+    for index in range(len(dataset)):
+        _, target = dataset[index]
+        n = len(target["labels"])
+        output = {
+            "boxes": target["boxes"],
+            "labels": target["labels"],
+            "scores": torch.linspace(1.0, 0.5, n),
+            "masks": target["masks"][:, None].float(),
+        }
+        evaluator.process([target], [output])
+    metrics = evaluator.compute()
+    assert metrics["val/bbox_map50"] == pytest.approx(1.0)
+    assert metrics["val/segm_map50"] == pytest.approx(1.0)
+    assert metrics["val/segm_map"] > 0.9
+    evaluator.reset()
+    assert evaluator.compute()["val/segm_map"] == 0.0, "no detections -> zeros, not a pycocotools crash"
+
+
+def test_fitness_is_the_weighted_sum_and_ignores_minus_one():
+    metrics = {"val/segm_map": 0.5, "val/bbox_map": -1.0}
+    assert fitness(metrics, {"val/segm_map": 0.9, "val/bbox_map": 0.1}) == pytest.approx(0.45)
+    with pytest.raises(KeyError):
+        fitness(metrics, {"val/segm_map50": 1.0})
+
+
+@pytest.mark.skipif(not COCOAPI.is_dir(), reason=f"shared COCO eval data not found at {COCOAPI}")
+@pytest.mark.parametrize("iou_type, first_stats", [("bbox", (0.5045806987249628, 0.6969727247299577)), ("segm", (0.3195452758576433, 0.5622883972521636))])
+def test_official_cocoapi_numbers(iou_type, first_stats):
+    gt = load_coco(COCOAPI / "annotations" / "instances_val2014_100.json")
+    results = json.loads((COCOAPI / "results" / f"instances_val2014_fake{iou_type}100_results.json").read_text())
+    stats = coco_stats(gt, results, iou_type, gt.getImgIds())
+    assert len(stats) == len(COCO_STAT_NAMES)
+    assert stats[:2] == pytest.approx(first_stats, abs=1e-12)

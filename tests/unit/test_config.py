@@ -1,0 +1,95 @@
+import re
+import subprocess
+import sys
+
+import pytest
+
+from instseg.config import Config, flatten, load, resolve_paths, with_values
+from instseg.errors import ConfigError
+from tests.conftest import DEMO_CONFIG, ROOT
+
+
+def test_demo_config_loads_and_every_key_is_documented():
+    cfg = load(DEMO_CONFIG)
+    assert cfg.model.arch == "tiny" and cfg.tune.num_samples >= 4
+    # every section and key (not the entries of a mapping value) carries a `# description`
+    key_lines = [line for line in DEMO_CONFIG.read_text().splitlines() if re.match(r"^ {0,2}\w+:", line)]
+    undocumented = [line for line in key_lines if "#" not in line]
+    assert len(key_lines) > 40 and not undocumented, undocumented
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load(DEMO_CONFIG, ["train.epochs=7", "ray.use_gpu=true", "run_name=abc", "ray.address=null"])
+    assert (cfg.train.epochs, cfg.ray.use_gpu, cfg.run_name, cfg.ray.address) == (7, True, "abc", None)
+
+
+def test_unknown_key_names_key_and_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        load(DEMO_CONFIG, ["train.epochz=3"])
+    message = str(err.value)
+    assert "train.epochz" in message and "epochs" in message and "lr" in message
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ConfigError) as err:
+        load(DEMO_CONFIG, ["train.epochs=many"])
+    assert "train.epochs" in str(err.value) and "many" in str(err.value)
+
+
+def test_search_space_keys_must_be_config_keys():
+    with pytest.raises(ConfigError, match="train.lrr"):
+        load(DEMO_CONFIG, ["tune.search_space={train.lrr: {type: uniform, low: 0.1, high: 0.2}}"])
+
+
+def test_with_values_validates_sampled_parameters():
+    cfg = load(DEMO_CONFIG)
+    assert with_values(cfg, {"train.lr": 0.5}).train.lr == 0.5
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        with_values(cfg, {"train.optimizer": "lion"})
+
+
+def test_flatten_gives_dotted_scalars():
+    flat = flatten(Config())
+    assert flat["train.lr"] == Config().train.lr
+    assert all(isinstance(v, (int, float, str, bool, type(None))) for v in flat.values())
+
+
+def test_resolve_paths_makes_paths_absolute(tmp_path):
+    cfg = resolve_paths(load(DEMO_CONFIG), base=tmp_path)
+    assert cfg.data.root == str(tmp_path / "data" / "synth")
+    assert cfg.ray.storage_path == str(tmp_path / "ray_results")
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    given = resolve_paths(load(DEMO_CONFIG, ["tracking.uri=http://127.0.0.1:5000"]), base=tmp_path)
+    assert given.tracking.uri == "http://127.0.0.1:5000"
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["train.epochz=3"], "unknown config key 'train.epochz'"),
+        (["train.epochs=abc"], "invalid value for 'train.epochs'"),
+        (["data.root=/nonexistent/data"], "/nonexistent/data/annotations/instances_train.json is missing"),
+    ],
+)
+@pytest.mark.parametrize("module", ["ray_jobs.train", "tuning.tune"])
+def test_entry_points_report_bad_input_in_one_line_with_status_2(module, args, expected, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--config", str(DEMO_CONFIG), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert expected in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    if "missing" in expected:
+        assert "instseg data synth" in proc.stderr
+
+
+def test_missing_config_file_is_a_usage_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ray_jobs.train", "--config", "nope.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and "config file not found: nope.yaml" in proc.stderr and "Traceback" not in proc.stderr

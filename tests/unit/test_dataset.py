@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from instseg.data.coco import CocoInstanceDataset, LabelMap, check_dataset_root
+from instseg.data.loaders import build_datasets, build_loader
+from instseg.data.transforms import RandomHorizontalFlip
+from instseg.errors import DataError
+
+
+def test_target_schema(synth_root):
+    dataset = CocoInstanceDataset(synth_root, "train")
+    image, target = dataset[0]
+    assert image.dtype == torch.float32 and image.shape[0] == 3 and 0.0 <= image.min() and image.max() <= 1.0
+    n = len(target["labels"])
+    assert n > 0
+    assert target["boxes"].dtype == torch.float32 and target["boxes"].shape == (n, 4)
+    assert target["labels"].dtype == torch.int64 and target["labels"].min() >= 1
+    assert target["masks"].dtype == torch.uint8 and target["masks"].shape == (n, *image.shape[1:])
+    assert target["area"].shape == (n,) and target["iscrowd"].shape == (n,)
+    assert target["image_id"] == dataset.image_ids[0]
+    boxes = target["boxes"]
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    # every mask lies inside its box (1 px rounding slack)
+    for mask, (x1, y1, x2, y2) in zip(target["masks"], boxes.tolist()):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        assert xs.min() >= int(x1) - 1 and xs.max() <= x2 + 1 and ys.min() >= int(y1) - 1 and ys.max() <= y2 + 1
+
+
+def test_label_map_round_trips_and_maps_category_ids():
+    label_map = LabelMap.from_categories([{"id": 90, "name": "toothbrush"}, {"id": 1, "name": "person"}])
+    assert label_map.names == ("person", "toothbrush")
+    assert label_map.label(90) == 2 and label_map.category_id(2) == 90 and label_map.num_classes == 3
+    assert LabelMap.from_dict(label_map.to_dict()) == label_map
+
+
+def test_flip_moves_boxes_and_masks_together(synth_root):
+    image, target = CocoInstanceDataset(synth_root, "train")[0]
+    flipped_image, flipped = RandomHorizontalFlip(prob=1.0)(image, target)
+    width = image.shape[-1]
+    assert torch.equal(flipped_image, image.flip(-1))
+    assert torch.allclose(flipped["boxes"][:, 0], width - target["boxes"][:, 2])
+    assert torch.equal(flipped["masks"], target["masks"].flip(-1))
+    assert torch.equal(target["masks"], CocoInstanceDataset(synth_root, "train")[0][1]["masks"]), "input untouched"
+
+
+def test_loader_batches_lists(synth_root, tiny_config):
+    cfg = tiny_config("data.batch_size=3")
+    train, val = build_datasets(cfg.data)
+    assert val.label_map == train.label_map
+    images, targets = next(iter(build_loader(train, cfg.data, shuffle=True)))
+    assert len(images) == len(targets) == 3
+
+
+def test_missing_dataset_says_which_path_and_how_to_create(tmp_path):
+    with pytest.raises(DataError) as err:
+        check_dataset_root(tmp_path / "nothing", ("train",))
+    assert str(tmp_path / "nothing" / "annotations" / "instances_train.json") in str(err.value)
+    assert "instseg data synth" in str(err.value)
