@@ -3,6 +3,7 @@ then prediction with the champion loaded back by pycocotools."""
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -88,3 +89,13 @@ def test_promotion_keeps_champion_unless_strictly_better(local_ray, tiny_config,
     tags = MlflowClient(trained.tracking_uri).get_model_version("gate-test", "2").tags
     assert tags["promotion.decision"] == "kept champion" and tags["promotion.champion_version"] == "1"
     assert MlflowClient(trained.tracking_uri).get_run(trained.run_id).info.status == "FINISHED"
+
+    # the registry model serves through MLflow's pyfunc loader (models-from-code, no pickle)
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(trained.tracking_uri)
+    served = mlflow.pyfunc.load_model("models:/gate-test@champion")
+    images = sorted(str(p) for p in (Path(cfg.data.root) / "images" / "val").glob("*.jpg"))[:2]
+    frame = served.predict(images)
+    assert {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(frame.columns)
+    assert set(frame["image_id"]) <= {int(Path(p).stem) for p in images}
