@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $(STAMP)
 
+# the demo's temporary Prefect server sends no usage telemetry (its heartbeat also races the sqlite db)
 demo: $(STAMP)
-	$(BIN)/python -m flows.demo --config configs/demo.yaml
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m flows.demo --config configs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -ra tests

@@ -3,10 +3,13 @@ then print a summary and the commands that open the MLflow and Prefect UIs."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
+from flows.pipeline import FLOW_NAME, tune_register_promote
 from instseg.data.coco import annotation_path
 from instseg.data.synth import synthesize
 from instseg.metrics.names import FITNESS
@@ -16,7 +19,16 @@ from ray_jobs.runtime import init_ray
 from tuning.tune import TuneSummary, format_trials
 
 
-def print_summary(result: dict[str, Any], elapsed: float) -> None:
+def _bin_dir() -> str:
+    """Where this interpreter's console scripts live, relative to the cwd when inside it (.venv/bin/)."""
+    folder = Path(sys.executable).parent
+    try:
+        return f"{folder.relative_to(Path.cwd())}/"
+    except ValueError:
+        return f"{folder}/"
+
+
+def print_summary(result: dict[str, Any], elapsed: float, data_root: str) -> None:
     tuned = TuneSummary.from_dict(result["tune"])
     reg, promo = result["registration"], result["promotion"]
     print("\n" + "=" * 78)
@@ -30,10 +42,11 @@ def print_summary(result: dict[str, Any], elapsed: float) -> None:
     print(f"promotion        challenger {promo['challenger_fitness']:.5f} vs champion {champion}: "
           f"{'promoted' if promo['promoted'] else 'kept champion'}")
     print(f"aliases          {aliases(reg['tracking_uri'], reg['model_name'])}")
+    bin_dir = _bin_dir()
     print("\nLook around:")
-    print(f"  mlflow ui --backend-store-uri {reg['tracking_uri']}      # http://127.0.0.1:5000")
-    print("  prefect server start                                          # http://127.0.0.1:4200")
-    print(f"  instseg predict --model models:/{reg['model_name']}@champion data/synth/images/val/*.jpg --out preds.json")
+    print(f"  {bin_dir}mlflow ui --backend-store-uri {reg['tracking_uri']}    # http://127.0.0.1:5000")
+    print(f"  {bin_dir}prefect server start    # http://127.0.0.1:4200, flow '{FLOW_NAME}'")
+    print(f"  {bin_dir}instseg predict --model models:/{reg['model_name']}@champion {data_root}/images/val/*.jpg --out preds.json")
     print("=" * 78)
 
 
@@ -46,10 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         synthesize(cfg.data.root, images=cfg.data.synth_images, seed=cfg.seed)
     started = time.perf_counter()
     init_ray(cfg.ray.address)
-    from flows.pipeline import tune_register_promote  # Prefect's import is slow: after the cheap checks
-
     result = tune_register_promote(config_path=args.config, overrides=args.overrides)
-    print_summary(result, time.perf_counter() - started)
+    print_summary(result, time.perf_counter() - started, os.path.relpath(cfg.data.root))
     return 0
 
 

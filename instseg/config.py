@@ -8,6 +8,7 @@ the entry points turn it into one line on stderr and exit status 2.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -208,8 +209,13 @@ def with_values(cfg: Config, values: dict[str, Any]) -> Config:
     return validate(raw, "search space")
 
 
+def redact(value: Any) -> Any:
+    """Drop `user:password@` from URIs so that credentials never reach params or logs."""
+    return re.sub(r"(://)[^/@\s]+@", r"\1***@", value) if isinstance(value, str) else value
+
+
 def flatten(cfg: Config) -> dict[str, Any]:
-    """Dotted key -> scalar, for MLflow params (lists and dicts become their string form)."""
+    """Dotted key -> scalar, for MLflow params (lists and dicts become their string form; URIs redacted)."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, node: Any) -> None:
@@ -217,7 +223,7 @@ def flatten(cfg: Config) -> dict[str, Any]:
             for key, value in node.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), value)
         else:
-            flat[prefix] = node if isinstance(node, (int, float, str, bool)) or node is None else str(node)
+            flat[prefix] = redact(node) if isinstance(node, (int, float, str, bool)) or node is None else str(node)
 
     walk("", cfg.model_dump())
     return flat

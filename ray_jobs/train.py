@@ -15,11 +15,11 @@ import time
 from typing import Sequence
 
 from instseg.config import Config
-from instseg.data.coco import check_dataset_root, dataset_fingerprint
-from instseg.tracking.runs import create_run, resolve_tracking_uri
+from instseg.data.coco import check_dataset_root
+from instseg.tracking.runs import resolve_tracking_uri
 from ray_jobs.cli_common import config_parser, load_config, run_cli
 from ray_jobs.runtime import init_ray
-from ray_jobs.trainer import TrainSummary, build_trainer, fit_and_log
+from ray_jobs.trainer import TrainSummary, build_trainer, create_driver_run, fit_and_log
 
 
 def run_training(cfg: Config) -> TrainSummary:
@@ -27,12 +27,7 @@ def run_training(cfg: Config) -> TrainSummary:
     check_dataset_root(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     name = cfg.run_name or time.strftime("train-%Y%m%d-%H%M%S")
-    run_id = create_run(
-        tracking_uri,
-        cfg.tracking.experiment,
-        run_name=name,
-        tags={"instseg.kind": "train", "instseg.dataset_fingerprint": dataset_fingerprint(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))},
-    )
+    run_id = create_driver_run(cfg, tracking_uri, name, kind="train")
     print(f"MLflow run {run_id} ({tracking_uri})", flush=True)
     trainer = build_trainer(cfg, tracking_uri=tracking_uri, run_id=run_id, name=name)
     return fit_and_log(trainer, tracking_uri, run_id)

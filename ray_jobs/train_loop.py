@@ -99,7 +99,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             **train_metrics,
             **val_metrics,
             "train/lr": optimizer.param_groups[0]["lr"],
-            "time/epoch_s": time.perf_counter() - started,
+            "train/epoch_time_s": time.perf_counter() - started,
             FITNESS: fitness(val_metrics, cfg.metrics.fitness_weights),
         }
         if logger is None:
@@ -109,7 +109,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         print(
             f"epoch {epoch + 1}/{cfg.train.epochs}: train/loss {metrics['train/loss']:.4f} "
             f"val/segm_map {metrics['val/segm_map']:.4f} {FITNESS} {metrics[FITNESS]:.4f} "
-            f"({metrics['time/epoch_s']:.1f} s)",
+            f"({metrics['train/epoch_time_s']:.1f} s)",
             flush=True,
         )
         with tempfile.TemporaryDirectory(prefix="instseg-ckpt-") as folder:

@@ -11,9 +11,10 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from instseg.config import Config
+from instseg.data.coco import dataset_fingerprint
 from instseg.metrics.names import FITNESS, FITNESS_MODE
 from instseg.models.bundle import bundle_from_checkpoint
-from instseg.tracking.runs import RunLogger
+from instseg.tracking.runs import RunLogger, create_run
 from ray_jobs.train_loop import train_loop_per_worker
 
 BUNDLE_ARTIFACT_PATH = "bundle"
@@ -34,6 +35,17 @@ class TrainSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def create_driver_run(cfg: Config, tracking_uri: str, name: str, kind: str) -> str:
+    """The MLflow run a driver (train entry point, tuning study) owns, tagged with its data."""
+    splits = (cfg.data.train_split, cfg.data.val_split)
+    return create_run(
+        tracking_uri,
+        cfg.tracking.experiment,
+        run_name=name,
+        tags={"instseg.kind": kind, "instseg.dataset_fingerprint": dataset_fingerprint(cfg.data.root, splits)},
+    )
 
 
 def build_trainer(cfg: Config, *, tracking_uri: str, run_id: str, name: str, callbacks: list | None = None) -> TorchTrainer:

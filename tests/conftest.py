@@ -32,7 +32,7 @@ def shared_dir() -> Path:
     return Path(os.environ.get("INSTSEG_SHARED", ROOT.parent / "shared"))
 
 
-_ISOLATED_ENV = {"HOME", "RAY_AUTH_MODE", "PREFECT_HOME", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"}
+_ISOLATED_ENV = {"HOME", "RAY_AUTH_MODE", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"}
 _saved_env: dict[str, str | None] = {}
 
 
@@ -41,7 +41,9 @@ def pytest_configure(config: pytest.Config) -> None:
     auth token and Prefect's home, in a temp dir; Ray token auth on, as on new clusters."""
     home = Path(tempfile.mkdtemp(prefix="instseg-test-home-"))
     _saved_env.update({key: os.environ.get(key) for key in _ISOLATED_ENV})
-    os.environ.update({"HOME": str(home), "RAY_AUTH_MODE": "token", "PREFECT_HOME": str(home / ".prefect")})
+    os.environ.update(
+        {"HOME": str(home), "RAY_AUTH_MODE": "token", "PREFECT_HOME": str(home / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    )
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("RAY_ADDRESS", None)
 

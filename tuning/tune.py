@@ -25,13 +25,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from instseg.config import Config, flatten, with_values
-from instseg.data.coco import check_dataset_root, dataset_fingerprint
+from instseg.data.coco import check_dataset_root
 from instseg.errors import ConfigError
 from instseg.metrics.names import EPOCH, FITNESS, FITNESS_MODE
-from instseg.tracking.runs import RunLogger, child_runs, create_run, is_terminal, resolve_tracking_uri
+from instseg.tracking.runs import RunLogger, child_runs, create_run, resolve_tracking_uri
 from ray_jobs.cli_common import config_parser, load_config, run_cli
 from ray_jobs.runtime import init_ray
-from ray_jobs.trainer import build_trainer, fit_and_log, log_checkpoint_bundle
+from ray_jobs.trainer import build_trainer, create_driver_run, fit_and_log, log_checkpoint_bundle
 from tuning.search_space import build_param_space
 
 # Orchestration layers (trial drivers, flow tasks) hold a sliver of CPU so that only Train
@@ -140,15 +140,18 @@ def _summarise_trials(grid: Any, cfg: Config, runs_by_trial: dict[str, Any]) -> 
     return trials
 
 
-def _close_trial_runs(tracking_uri: str, trials: list[TrialSummary]) -> None:
-    """Runs of trials that ASHA stopped (their driver was killed) or that failed get a final status."""
-    for trial in trials:
-        if trial.run_id is None:
-            continue
-        logger = RunLogger(tracking_uri, trial.run_id)
-        logger.set_tags({STOPPED_EARLY_TAG: str(trial.status == "stopped_early").lower(), "instseg.trial_status": trial.status})
-        if not is_terminal(logger.status()):
-            logger.finish({"stopped_early": "KILLED", "error": "FAILED"}.get(trial.status, "FINISHED"))
+def _close_trial_runs(tracking_uri: str, trials: list[TrialSummary], run_ids: list[str]) -> None:
+    """Every trial run ends with Tune's verdict: ASHA-stopped trials KILLED (their driver saw the stop
+    as a failure, or was killed before it could say anything), failed ones FAILED, a run Tune has no
+    result for (it died before its first epoch) FAILED, completed ones FINISHED."""
+    status_of = {t.run_id: t.status for t in trials if t.run_id}
+    final = {"stopped_early": "KILLED", "error": "FAILED", "completed": "FINISHED"}
+    for run_id in run_ids:
+        status = status_of.get(run_id, "error")
+        logger = RunLogger(tracking_uri, run_id)
+        logger.set_tags({STOPPED_EARLY_TAG: str(status == "stopped_early").lower(), "instseg.trial_status": status})
+        if logger.status() != final[status]:
+            logger.finish(final[status])
 
 
 def run_tuning(cfg: Config) -> TuneSummary:
@@ -158,12 +161,7 @@ def run_tuning(cfg: Config) -> TuneSummary:
     check_search_space(cfg)
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     study = cfg.run_name or time.strftime("study-%Y%m%d-%H%M%S")
-    parent_run_id = create_run(
-        tracking_uri,
-        cfg.tracking.experiment,
-        run_name=study,
-        tags={"instseg.kind": "study", "instseg.dataset_fingerprint": dataset_fingerprint(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))},
-    )
+    parent_run_id = create_driver_run(cfg, tracking_uri, study, kind="study")
     parent = RunLogger(tracking_uri, parent_run_id)
     parent.log_params(flatten(cfg))
     parent.log_dict({k: v.model_dump() for k, v in cfg.tune.search_space.items()}, "search_space.json")
@@ -191,9 +189,9 @@ def run_tuning(cfg: Config) -> TuneSummary:
         parent.finish("FAILED")
         raise
 
-    runs_by_trial = {run.data.tags.get(TRIAL_ID_TAG): run for run in child_runs(tracking_uri, parent_run_id)}
-    trials = _summarise_trials(grid, cfg, runs_by_trial)
-    _close_trial_runs(tracking_uri, trials)
+    children = child_runs(tracking_uri, parent_run_id)
+    trials = _summarise_trials(grid, cfg, {run.data.tags.get(TRIAL_ID_TAG): run for run in children})
+    _close_trial_runs(tracking_uri, trials, [run.info.run_id for run in children])
     scored = [t for t in trials if t.best_fitness is not None and t.run_id is not None]
     if not scored:
         parent.finish("FAILED")

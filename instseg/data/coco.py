@@ -160,12 +160,12 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
 
 
 def dataset_fingerprint(root: str | Path, splits: tuple[str, ...]) -> str:
-    """sha256 over the annotation files and image bytes of the splits: tags runs with their data."""
+    """sha256 of the splits' annotation files plus each image's name and size: tags runs with their
+
+    data in seconds even for COCO-sized folders (image bytes are not read)."""
     digest = hashlib.sha256()
     for split in splits:
-        ann = annotation_path(root, split)
-        digest.update(ann.read_bytes())
+        digest.update(annotation_path(root, split).read_bytes())
         for image in sorted((Path(root) / "images" / split).glob("*")):
-            digest.update(image.name.encode())
-            digest.update(image.read_bytes())
+            digest.update(f"{image.name}:{image.stat().st_size};".encode())
     return digest.hexdigest()[:16]

@@ -22,7 +22,7 @@ class InstanceSegmentationModel(mlflow.pyfunc.PythonModel):
 
         self.model, self.label_map, self.meta = load_bundle(Path(context.artifacts[BUNDLE_ARTIFACT]))
 
-    def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> Any:
+    def predict(self, context, model_input: list[str], params=None):  # MLflow reads the model_input hint
         """model_input: image paths (a numeric file name is taken as the COCO image id)."""
         import pandas as pd
 

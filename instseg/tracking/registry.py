@@ -7,10 +7,12 @@ numbers are recorded as tags on the challenger's version.
 
 from __future__ import annotations
 
+import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import mlflow
 import yaml
@@ -27,6 +29,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 MODEL_ARTIFACT = "model"
 PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+MLFLOW_TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 PIP_REQUIREMENTS = ["torch", "torchvision", "pycocotools", "pydantic", "pyyaml", "pillow", "pandas"]
 
 
@@ -48,12 +51,28 @@ def model_uri(model_name: str, alias: str) -> str:
     return f"models:/{model_name}@{alias}"
 
 
+@contextmanager
+def _tracking_uri(uri: str) -> Iterator[None]:
+    """mlflow.set_tracking_uri for the fluent API, undone afterwards: it also sets MLFLOW_TRACKING_URI
+    in os.environ, which would silently redirect every later default lookup."""
+    previous_env = os.environ.get(MLFLOW_TRACKING_URI_ENV)
+    previous = mlflow.get_tracking_uri() if previous_env else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if previous_env is None:
+            os.environ.pop(MLFLOW_TRACKING_URI_ENV, None)
+            mlflow.set_tracking_uri(None)
+        else:
+            mlflow.set_tracking_uri(previous)
+
+
 def register_bundle(tracking_uri: str, run_id: str, bundle_dir: Path, model_name: str, tags: dict[str, str] | None = None) -> str:
     """Log the bundle as a pyfunc model in `run_id`, register it, point `challenger` at it; returns the version."""
-    mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     status = client.get_run(run_id).info.status
-    with mlflow.start_run(run_id=run_id):
+    with _tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
             python_model=str(PYFUNC_ENTRY),
@@ -84,9 +103,9 @@ def aliases(tracking_uri: str, model_name: str) -> dict[str, str]:
 
 def download_bundle(tracking_uri: str, uri: str, dst: Path) -> Path:
     """Fetch a registered model (models:/NAME@alias, models:/NAME/3) or a logged bundle (runs:/ID/bundle); return its bundle folder."""
-    mlflow.set_tracking_uri(tracking_uri)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+        with _tracking_uri(tracking_uri):  # models:/ URIs resolve against the global registry URI
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     except MlflowException as exc:
         raise InstsegError(f"cannot load model {uri} from {tracking_uri}: {exc.message.splitlines()[0]}") from None
     if is_bundle(local):  # runs:/ID/bundle: a bundle logged by a training run

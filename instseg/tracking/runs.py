@@ -6,14 +6,13 @@ their ids are handed down explicitly; workers only log into a run id they were g
 
 from __future__ import annotations
 
-import os
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from instseg.config import absolute_tracking_uri
@@ -105,10 +104,6 @@ class RunLogger:
 
     def history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
-
-
-def is_terminal(status: str) -> bool:
-    return RunStatus.is_terminated(RunStatus.from_string(status))
 
 
 def child_runs(tracking_uri: str, parent_run_id: str) -> list[Any]:

@@ -3,6 +3,7 @@ then prediction with the champion loaded back by pycocotools."""
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,7 @@ def test_promotion_keeps_champion_unless_strictly_better(local_ray, tiny_config,
         return evaluate_on_split(model, label_map, cfg.data, cfg.data.val_split, cfg.metrics.fitness_weights)
 
     assert register_bundle(trained.tracking_uri, trained.run_id, bundle, "gate-test") == "1"
+    assert "MLFLOW_TRACKING_URI" not in os.environ, "registering must not redirect later default lookups"
     first = promote(trained.tracking_uri, "gate-test", score)
     assert first.promoted and first.champion_after == "1"
     assert register_bundle(trained.tracking_uri, trained.run_id, bundle, "gate-test") == "2"

@@ -54,7 +54,8 @@ def test_flatten_gives_dotted_scalars():
     assert all(isinstance(v, (int, float, str, bool, type(None))) for v in flat.values())
 
 
-def test_resolve_paths_makes_paths_absolute(tmp_path):
+def test_resolve_paths_makes_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = resolve_paths(load(DEMO_CONFIG), base=tmp_path)
     assert cfg.data.root == str(tmp_path / "data" / "synth")
     assert cfg.ray.storage_path == str(tmp_path / "ray_results")
@@ -93,3 +94,8 @@ def test_missing_config_file_is_a_usage_error(tmp_path):
         [sys.executable, "-m", "ray_jobs.train", "--config", "nope.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2 and "config file not found: nope.yaml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_flatten_redacts_credentials_in_uris():
+    cfg = load(DEMO_CONFIG, ["tracking.uri=https://alice:s3cret@mlflow.example:5000"])
+    assert flatten(cfg)["tracking.uri"] == "https://***@mlflow.example:5000"
