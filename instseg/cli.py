@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
+from instseg.data.formats import FORMATS
 from instseg.errors import InstsegError
 
 
@@ -20,6 +22,31 @@ def _synth(args: argparse.Namespace) -> int:
 
     counts = synthesize(args.out, images=args.images, seed=args.seed)
     print(f"wrote {args.out}: {json.dumps(counts)}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from instseg.data.formats import convert
+
+    counts = convert(Path(args.src), Path(args.dst), fmt=args.format, names=args.names)
+    for split, c in counts.items():
+        print(f"{split}: {c['images']} images, {c['instances']} instances, {c['classes']} classes -> {args.dst}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from instseg.data.check import check_dataset, format_report
+
+    report = check_dataset(Path(args.path), fmt=args.format, names=args.names)
+    print(format_report(report))
+    return 0 if report.clean else 1
+
+
+def _download(args: argparse.Namespace) -> int:
+    from instseg.data.download import download
+
+    folder = download(args.name, Path(args.dest), url=args.url, sha256=args.sha256)
+    print(f"{args.name} ready at {folder}")
     return 0
 
 
@@ -41,6 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--images", type=int, default=48, help="number of images in all (default 48, 1/4 for val)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.set_defaults(handler=_synth)
+
+    names_help = "YOLO class names: a data yaml, 'coco80', or 'a,b,c' (default: the yaml in SRC, else the 80 COCO names)"
+    conv = data.add_parser("convert", help="convert COCO / Roboflow / YOLO-seg to instseg's COCO layout")
+    conv.add_argument("src", help="source dataset folder")
+    conv.add_argument("dst", help="output folder (annotations/instances_{split}.json + images/{split}/)")
+    conv.add_argument("--format", choices=FORMATS, default=None, help="source format (default: detected)")
+    conv.add_argument("--names", default=None, help=names_help)
+    conv.set_defaults(handler=_convert)
+
+    down = data.add_parser("download", help="download a public dataset and convert it (coco8-seg, coco128-seg)")
+    down.add_argument("name", help="dataset name: coco8-seg or coco128-seg")
+    down.add_argument("--dest", default="data", help="parent folder (default data/; the dataset lands in DEST/NAME)")
+    down.add_argument("--url", default=None, help="download from this URL instead (a mirror)")
+    down.add_argument("--sha256", default=None, help="expected sha256 of the zip")
+    down.set_defaults(handler=_download)
+
+    check = data.add_parser("check", help="summarise a dataset and list every problem (exit 1 if any)")
+    check.add_argument("path", help="dataset folder in any supported format")
+    check.add_argument("--format", choices=FORMATS, default=None, help="dataset format (default: detected)")
+    check.add_argument("--names", default=None, help=names_help)
+    check.set_defaults(handler=_check)
 
     pred = commands.add_parser("predict", help="predict images -> COCO results JSON")
     pred.add_argument("--model", required=True, help="models:/NAME@champion, a bundle folder or a checkpoint")

@@ -31,6 +31,7 @@ class DataConfig(_Section):
     batch_size: int = Field(2, ge=1)
     num_workers: int = Field(0, ge=0)
     hflip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    on_invalid: Literal["error", "skip"] = "error"
 
 
 class ModelConfig(_Section):

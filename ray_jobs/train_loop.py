@@ -82,6 +82,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         logger.log_params({**flatten(cfg), "ray.world_size": world_size})
         logger.log_dict(cfg.model_dump(), "config.yaml")
         logger.log_dict(label_map.to_dict(), "label_map.json")
+        skipped = {f"data/skipped_{split}_{kind}": n for split, ds in (("train", train_set), ("val", val_set)) for kind, n in ds.skipped.items()}
+        if skipped:
+            print(f"data.on_invalid=skip dropped: {skipped}", flush=True)
+            logger.log_metrics(skipped, step=0)
     val_loader = build_loader(val_set, cfg.data, shuffle=False)
     evaluator = CocoEvaluator(val_set.coco, label_map)
 

@@ -84,3 +84,11 @@ def tiny_config(synth_root: Path, tmp_path: Path):
         return resolve_paths(cfg)
 
     return make
+
+
+def shared_dataset(name: str) -> Path:
+    """A dataset under ../shared/datasets, or a skip naming where it was looked for."""
+    path = shared_dir() / "datasets" / name
+    if not path.is_dir():
+        pytest.skip(f"shared dataset {name} not found at {path} (set INSTSEG_SHARED)")
+    return path

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import io
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +29,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision.io import ImageReadMode, decode_image, read_file
 
+from instseg.data.validation import Problem, validate_annotations
 from instseg.errors import DataError
 
 Target = dict[str, Any]
@@ -74,6 +76,14 @@ def load_coco(path: Path) -> COCO:
         return COCO(str(path))
 
 
+def coco_from_dict(dataset: dict[str, Any]) -> COCO:
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
 def check_dataset_root(root: str | Path, splits: tuple[str, ...]) -> None:
     """Raise DataError naming the missing path and how to create the data."""
     for split in splits:
@@ -109,6 +119,7 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         split: str,
         label_map: LabelMap | None = None,
         transforms: Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]] | None = None,
+        on_invalid: str = "error",
     ) -> None:
         check_dataset_root(root, (split,))
         self.root = Path(root)
@@ -119,8 +130,38 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise DataError(f"{self.annotation_file}: not a COCO instances file ({exc})") from None
         self.label_map = label_map or LabelMap.from_categories(self.coco.loadCats(self.coco.getCatIds()))
-        self.image_ids = sorted(self.coco.getImgIds())
         self.transforms = transforms
+        self.skipped = self._apply_policy(on_invalid)
+        self.image_ids = sorted(self.coco.getImgIds())
+
+    def _apply_policy(self, on_invalid: str) -> Counter:
+        """Validate annotations and image files; `error` raises with the problems, `skip` drops the bad
+        annotations and the images without a file, and returns the count per reason."""
+        source = str(self.annotation_file)
+        problems, bad = validate_annotations(self.coco.dataset, source)
+        known = set(self.label_map.category_ids)
+        for position, ann in enumerate(self.coco.dataset["annotations"]):
+            if position not in bad and ann.get("category_id") not in known:
+                problems.append(Problem("unknown_category", source, f"annotation id {ann.get('id')}: category_id {ann.get('category_id')} is not among the model's classes"))
+                bad.add(position)
+        missing = [img for img in self.coco.dataset["images"] if not self.image_path(img["id"]).is_file()]
+        problems += [Problem("image_missing", f"{source}: image id {img['id']}", f"{self.image_path(img['id'])} does not exist") for img in missing]
+        if not problems:
+            return Counter()
+        if on_invalid != "skip":
+            listed = "; ".join(str(p).strip() for p in problems[:3])
+            raise DataError(
+                f"{len(problems)} problem(s) in {source} (first: {listed}). Run `instseg data check {self.root}` for all of "
+                "them, or set data.on_invalid=skip to drop them"
+            )
+        missing_ids = {img["id"] for img in missing}
+        dataset = dict(self.coco.dataset)
+        dataset["images"] = [img for img in dataset["images"] if img["id"] not in missing_ids]
+        dataset["annotations"] = [
+            ann for position, ann in enumerate(dataset["annotations"]) if position not in bad and ann.get("image_id") not in missing_ids
+        ]
+        self.coco = coco_from_dict(dataset)
+        return Counter(problem.kind for problem in problems)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -136,11 +177,8 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         except (RuntimeError, OSError) as exc:
             raise DataError(f"{self.annotation_file}: image id {image_id}: cannot read {path} ({exc})") from None
         height, width = image.shape[-2:]
-        anns = [
-            a
-            for a in self.coco.imgToAnns.get(image_id, [])
-            if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1 and a.get("segmentation")
-        ]
+        # crowd regions are not instances to learn (COCO eval ignores matches to them)
+        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         boxes[:, 0::2].clamp_(0, width)

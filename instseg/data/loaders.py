@@ -18,8 +18,8 @@ def collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
 
 def build_datasets(data: DataConfig) -> tuple[CocoInstanceDataset, CocoInstanceDataset]:
     check_dataset_root(data.root, (data.train_split, data.val_split))
-    train = CocoInstanceDataset(data.root, data.train_split, transforms=train_transforms(data.hflip_prob))
-    val = CocoInstanceDataset(data.root, data.val_split, label_map=train.label_map)
+    train = CocoInstanceDataset(data.root, data.train_split, transforms=train_transforms(data.hflip_prob), on_invalid=data.on_invalid)
+    val = CocoInstanceDataset(data.root, data.val_split, label_map=train.label_map, on_invalid=data.on_invalid)
     return train, val
 
 

@@ -1,0 +1,68 @@
+"""`instseg data check PATH`: a summary of a dataset in any supported format and every problem in it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from instseg.data.formats import read_dataset
+from instseg.data.validation import Problem, check_split, summarise_split
+
+
+@dataclass
+class CheckReport:
+    root: Path
+    format: str
+    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+    def kinds(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for problem in self.problems:
+            counts[problem.kind] = counts.get(problem.kind, 0) + 1
+        return counts
+
+
+def check_dataset(root: Path, fmt: str | None = None, names: str | None = None) -> CheckReport:
+    fmt, splits = read_dataset(root, fmt, names)
+    report = CheckReport(root, fmt)
+    for split, data in splits.items():
+        report.summaries[split] = summarise_split(data)
+        report.problems.extend(check_split(data, _source_name(root, fmt, split)))
+    return report
+
+
+def _source_name(root: Path, fmt: str, split: str) -> str:
+    if fmt == "yolo":
+        return str(root / "labels" / split)
+    if fmt == "roboflow":
+        return str(root / ("valid" if split == "val" and (root / "valid").is_dir() else split) / "_annotations.coco.json")
+    return str(root / "annotations" / f"instances_{split}.json")
+
+
+def format_report(report: CheckReport, max_classes: int = 20) -> str:
+    lines = [f"dataset {report.root} (format: {report.format})"]
+    for split, s in report.summaries.items():
+        lines.append(
+            f"  split {split}: {s['images']} images, {s['instances']} instances, {s['classes']} classes with instances, "
+            f"{s['images_without_instances']} images without instances"
+        )
+        if s["width"]:
+            w, h = s["width"], s["height"]
+            lines.append(f"    image size: width {w['min']}-{w['max']} (median {w['median']}), height {h['min']}-{h['max']} (median {h['median']})")
+        per_class = list(s["instances_per_class"].items())
+        shown = ", ".join(f"{name} {count}" for name, count in per_class[:max_classes])
+        more = f", ... {len(per_class) - max_classes} more" if len(per_class) > max_classes else ""
+        lines.append(f"    instances per class: {shown}{more}")
+    if report.clean:
+        lines.append("no problems found")
+    else:
+        kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(report.kinds().items()))
+        lines.append(f"{len(report.problems)} problem(s): {kinds}")
+        lines.extend(f"  {problem}" for problem in report.problems)
+    return "\n".join(lines)
