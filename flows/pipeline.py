@@ -16,10 +16,10 @@ from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
 
 from instseg.config import Config, load, resolve_paths
-from instseg.data.coco import check_dataset_root
 from instseg.evaluation import evaluate_on_split
 from instseg.models.bundle import load_bundle
 from instseg.tracking.registry import download_bundle, promote, register_bundle
+from ray_jobs.trainer import preflight_data
 from tuning.tune import ORCHESTRATION_CPUS, TuneSummary, run_tuning
 
 FLOW_NAME = "instseg-tune-register-promote"
@@ -71,7 +71,7 @@ def promote_task(config: dict[str, Any], registered: dict[str, Any]) -> dict[str
 def tune_register_promote(config_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Load the config (paths resolved against the flow's cwd), then tune, register, promote."""
     cfg = resolve_paths(load(config_path, overrides or []))
-    check_dataset_root(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
+    preflight_data(cfg)  # a bad dataset fails the flow before any task is dispatched
     config = cfg.model_dump()
     with remote_options(num_cpus=ORCHESTRATION_CPUS):
         tuned = tune_task.submit(config).result()

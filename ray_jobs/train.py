@@ -15,16 +15,16 @@ import time
 from typing import Sequence
 
 from instseg.config import Config
-from instseg.data.coco import check_dataset_root
 from instseg.tracking.runs import resolve_tracking_uri
 from ray_jobs.cli_common import config_parser, load_config, run_cli
 from ray_jobs.runtime import init_ray
-from ray_jobs.trainer import TrainSummary, build_trainer, create_driver_run, fit_and_log
+from ray_jobs.trainer import TrainSummary, build_trainer, create_driver_run, fit_and_log, preflight_data
 
 
 def run_training(cfg: Config) -> TrainSummary:
-    """cfg with absolute paths -> a finished MLflow run and its best checkpoint."""
-    check_dataset_root(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
+    """cfg with absolute paths -> a finished MLflow run and its best checkpoint (Ray started if needed)."""
+    preflight_data(cfg)
+    init_ray(cfg.ray.address)
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     name = cfg.run_name or time.strftime("train-%Y%m%d-%H%M%S")
     run_id = create_driver_run(cfg, tracking_uri, name, kind="train")
@@ -35,10 +35,7 @@ def run_training(cfg: Config) -> TrainSummary:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = config_parser("python -m ray_jobs.train", "Train Mask R-CNN on Ray Train").parse_args(argv)
-    cfg = load_config(args)
-    check_dataset_root(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
-    init_ray(cfg.ray.address)
-    summary = run_training(cfg)
+    summary = run_training(load_config(args))
     print(json.dumps(summary.to_dict(), indent=2, default=str))
     return 0
 

@@ -12,6 +12,7 @@ from ray.train.torch import TorchTrainer
 
 from instseg.config import Config
 from instseg.data.coco import dataset_fingerprint
+from instseg.data.loaders import build_datasets
 from instseg.metrics.names import FITNESS, FITNESS_MODE
 from instseg.models.bundle import bundle_from_checkpoint
 from instseg.tracking.runs import RunLogger, create_run
@@ -35,6 +36,12 @@ class TrainSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def preflight_data(cfg: Config) -> None:
+    """Open both splits in the driver (annotations and file existence, no decoding) so that a missing
+    or broken dataset stops with its problems before any Ray worker starts."""
+    build_datasets(cfg.data)
 
 
 def create_driver_run(cfg: Config, tracking_uri: str, name: str, kind: str) -> str:

@@ -25,13 +25,12 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from instseg.config import Config, flatten, with_values
-from instseg.data.coco import check_dataset_root
 from instseg.errors import ConfigError
 from instseg.metrics.names import EPOCH, FITNESS, FITNESS_MODE
 from instseg.tracking.runs import RunLogger, child_runs, create_run, resolve_tracking_uri
 from ray_jobs.cli_common import config_parser, load_config, run_cli
 from ray_jobs.runtime import init_ray
-from ray_jobs.trainer import build_trainer, create_driver_run, fit_and_log, log_checkpoint_bundle
+from ray_jobs.trainer import build_trainer, create_driver_run, fit_and_log, log_checkpoint_bundle, preflight_data
 from tuning.search_space import build_param_space
 
 # Orchestration layers (trial drivers, flow tasks) hold a sliver of CPU so that only Train
@@ -156,9 +155,10 @@ def _close_trial_runs(tracking_uri: str, trials: list[TrialSummary], run_ids: li
 
 def run_tuning(cfg: Config) -> TuneSummary:
     """cfg with absolute paths -> a finished study: parent + child MLflow runs and the best model bundle."""
-    check_dataset_root(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
     param_space = build_param_space(cfg.tune.search_space)
     check_search_space(cfg)
+    preflight_data(cfg)
+    init_ray(cfg.ray.address)
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     study = cfg.run_name or time.strftime("study-%Y%m%d-%H%M%S")
     parent_run_id = create_driver_run(cfg, tracking_uri, study, kind="study")
@@ -246,12 +246,7 @@ def format_trials(summary: TuneSummary) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = config_parser("python -m tuning.tune", "Tune Mask R-CNN hyperparameters on Ray Tune").parse_args(argv)
-    cfg = load_config(args)
-    check_dataset_root(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
-    build_param_space(cfg.tune.search_space)
-    check_search_space(cfg)
-    init_ray(cfg.ray.address)
-    summary = run_tuning(cfg)
+    summary = run_tuning(load_config(args))
     print(format_trials(summary))
     print(f"best trial {summary.best_trial_id}: {FITNESS} {summary.best_fitness:.5f}, model bundle {summary.best_bundle_uri}")
     return 0

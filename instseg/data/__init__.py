@@ -1,1 +1,1 @@
-"""Datasets, the synthetic generator, transforms and loaders."""
+"""Datasets, formats, validation, the synthetic generator, download and loaders."""

@@ -21,10 +21,10 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
+import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision.io import ImageReadMode, decode_image, read_file
@@ -96,29 +96,39 @@ def check_dataset_root(root: str | Path, splits: tuple[str, ...]) -> None:
             )
 
 
-def decode_masks(segmentations: list[Any], height: int, width: int) -> np.ndarray:
-    """Polygons, uncompressed or compressed RLE -> uint8 [N, H, W]."""
-    masks = np.zeros((len(segmentations), height, width), dtype=np.uint8)
-    for i, seg in enumerate(segmentations):
-        if isinstance(seg, list):
-            rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-        elif isinstance(seg.get("counts"), list):
-            rle = mask_utils.frPyObjects(seg, height, width)
-        else:
-            rle = seg
-        masks[i] = mask_utils.decode(rle)
-    return masks
+def cropped_rle(segmentation: Any, height: int, width: int) -> tuple[dict[str, Any], int, int]:
+    """(RLE of the instance mask cropped to its pixel box, x0, y0): a few hundred bytes that decode in a
+    fraction of the full-image time. Made from a full-image rasterisation, so the pixels are exactly
+    pycocotools' (rasterising a shifted polygon in the crop alone moves some boundary pixels)."""
+    rle = to_rle(segmentation, height, width)
+    x, y, w, h = (int(round(v)) for v in mask_utils.toBbox(rle))
+    crop = np.asfortranarray(mask_utils.decode(rle)[y : y + max(h, 1), x : x + max(w, 1)])
+    return mask_utils.encode(crop), x, y
+
+
+def to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
+    """Polygons, uncompressed or compressed RLE -> one compressed RLE (pycocotools)."""
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation.get("counts"), list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    if isinstance(segmentation.get("counts"), str):
+        return {"size": segmentation["size"], "counts": segmentation["counts"].encode()}
+    return segmentation
 
 
 class CocoInstanceDataset(torch.utils.data.Dataset):
-    """(image float32 [3, H, W] in [0, 1], target) pairs; see the module docstring for the target."""
+    """(image uint8 [3, H, W], target) pairs; see the module docstring for the target.
+
+    Images stay uint8 (a quarter of float32's bytes) until the loop moves them to the device, where
+    engine.loops scales them to [0, 1]."""
 
     def __init__(
         self,
         root: str | Path,
         split: str,
         label_map: LabelMap | None = None,
-        transforms: Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]] | None = None,
+        hflip_prob: float = 0.0,
         on_invalid: str = "error",
     ) -> None:
         check_dataset_root(root, (split,))
@@ -130,9 +140,10 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise DataError(f"{self.annotation_file}: not a COCO instances file ({exc})") from None
         self.label_map = label_map or LabelMap.from_categories(self.coco.loadCats(self.coco.getCatIds()))
-        self.transforms = transforms
+        self.hflip_prob = hflip_prob
         self.skipped = self._apply_policy(on_invalid)
         self.image_ids = sorted(self.coco.getImgIds())
+        self._crops: dict[int, tuple[dict[str, Any], int, int]] = {}
 
     def _apply_policy(self, on_invalid: str) -> Counter:
         """Validate annotations and image files; `error` raises with the problems, `skip` drops the bad
@@ -163,6 +174,23 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         self.coco = coco_from_dict(dataset)
         return Counter(problem.kind for problem in problems)
 
+    def _masks(self, anns: list[dict[str, Any]], height: int, width: int, flip: bool = False) -> torch.Tensor:
+        """uint8 [N, H, W]: each instance is kept as an RLE of its mask cropped to its box, made the
+        first time the annotation is read (polygons are rasterised once, not every epoch); a sample
+        decodes only the crops and pastes them into zeroed masks."""
+        masks = torch.zeros((len(anns), height, width), dtype=torch.uint8)
+        for index, ann in enumerate(anns):
+            crop = self._crops.get(ann["id"])
+            if crop is None:
+                crop = self._crops[ann["id"]] = cropped_rle(ann["segmentation"], height, width)
+            rle, x0, y0 = crop
+            h, w = rle["size"]
+            pixels = torch.from_numpy(mask_utils.decode(rle))
+            if flip:
+                x0, pixels = width - x0 - w, pixels.flip(-1)
+            masks[index, y0 : y0 + h, x0 : x0 + w] = pixels
+        return masks
+
     def __len__(self) -> int:
         return len(self.image_ids)
 
@@ -179,21 +207,29 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         height, width = image.shape[-2:]
         # crowd regions are not instances to learn (COCO eval ignores matches to them)
         anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+        info = self.coco.imgs[image_id]
+        if (info.get("width"), info.get("height")) != (width, height):
+            raise DataError(
+                f"{self.annotation_file}: image id {image_id}: {path} is {width}x{height} but the JSON says "
+                f"{info.get('width')}x{info.get('height')} (run `instseg data check {self.root}`)"
+            )
+        # horizontal flip: image, boxes and masks together (masks are pasted mirrored, never copied twice)
+        flip = self.hflip_prob > 0 and torch.rand(1).item() < self.hflip_prob
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         boxes[:, 0::2].clamp_(0, width)
         boxes[:, 1::2].clamp_(0, height)
+        if flip:
+            image = image.flip(-1)
+            boxes[:, [0, 2]] = width - boxes[:, [2, 0]]
         target: Target = {
             "boxes": boxes,
             "labels": torch.tensor([self.label_map.label(a["category_id"]) for a in anns], dtype=torch.int64),
-            "masks": torch.from_numpy(decode_masks([a["segmentation"] for a in anns], height, width)),
+            "masks": self._masks(anns, height, width, flip),
             "image_id": image_id,
             "area": torch.tensor([a["area"] for a in anns], dtype=torch.float32),
             "iscrowd": torch.zeros(len(anns), dtype=torch.int64),
         }
-        image = image.float().div_(255)
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
         return image, target
 
 

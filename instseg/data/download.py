@@ -8,6 +8,7 @@ A rerun after an interruption starts the download again and replaces the partial
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import sys
 import tempfile
@@ -51,6 +52,11 @@ def _fetch(url: str, target: Path, progress: Callable[[str], None]) -> str:
                 digest.update(chunk)
                 done += len(chunk)
                 progress(f"{done / 1e6:.1f} MB" + (f" of {total / 1e6:.1f} MB" if total else ""))
+        if total and done != total:
+            raise http.client.IncompleteRead(b"", total - done)
+    except http.client.IncompleteRead:
+        target.unlink(missing_ok=True)
+        raise DownloadError(f"download of {url} was cut short; run the same command again to restart it") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise DownloadError(

@@ -1,4 +1,4 @@
-"""Datasets and DataLoaders for a config: the one place splits, transforms and collate meet."""
+"""Datasets and DataLoaders for a config: the one place splits, augmentation and collate meet."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from torch.utils.data import DataLoader
 
 from instseg.config import DataConfig
 from instseg.data.coco import CocoInstanceDataset, LabelMap, check_dataset_root
-from instseg.data.transforms import train_transforms
 
 
 def collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
@@ -18,7 +17,7 @@ def collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
 
 def build_datasets(data: DataConfig) -> tuple[CocoInstanceDataset, CocoInstanceDataset]:
     check_dataset_root(data.root, (data.train_split, data.val_split))
-    train = CocoInstanceDataset(data.root, data.train_split, transforms=train_transforms(data.hflip_prob), on_invalid=data.on_invalid)
+    train = CocoInstanceDataset(data.root, data.train_split, hflip_prob=data.hflip_prob, on_invalid=data.on_invalid)
     val = CocoInstanceDataset(data.root, data.val_split, label_map=train.label_map, on_invalid=data.on_invalid)
     return train, val
 

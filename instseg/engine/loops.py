@@ -24,7 +24,9 @@ class NonFiniteLossError(InstsegError):
 
 
 def _to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device) -> tuple[list, list]:
+    """Move a batch; uint8 images (as datasets hand them over) become float [0, 1] on the device."""
     images = [image.to(device, non_blocking=True) for image in images]
+    images = [image.float().div_(255) if image.dtype == torch.uint8 else image for image in images]
     targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
     return images, targets
 

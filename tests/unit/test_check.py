@@ -177,3 +177,23 @@ def test_training_policy_errors_or_skips_with_counts(tmp_path, synth_root):
         assert (target["masks"].flatten(1).sum(1) > 0).all()
         boxes = target["boxes"]
         assert ((boxes[:, 2] - boxes[:, 0]) > 0).all() and ((boxes[:, 3] - boxes[:, 1]) > 0).all()
+
+
+def test_training_on_a_broken_dataset_stops_before_ray_in_one_line(tmp_path, synth_root):
+    import subprocess
+    import sys
+
+    from tests.conftest import DEMO_CONFIG
+
+    root = tmp_path / "broken"
+    shutil.copytree(synth_root, root)
+    coco = _coco(root)
+    coco["annotations"][0]["segmentation"] = []
+    _save(root, coco)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ray_jobs.train", "--config", str(DEMO_CONFIG), f"data.root={root}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "empty_segmentation" in proc.stderr and "data.on_invalid=skip" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

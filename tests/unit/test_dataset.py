@@ -3,14 +3,13 @@ import torch
 
 from instseg.data.coco import CocoInstanceDataset, LabelMap, check_dataset_root
 from instseg.data.loaders import build_datasets, build_loader
-from instseg.data.transforms import RandomHorizontalFlip
 from instseg.errors import DataError
 
 
 def test_target_schema(synth_root):
     dataset = CocoInstanceDataset(synth_root, "train")
     image, target = dataset[0]
-    assert image.dtype == torch.float32 and image.shape[0] == 3 and 0.0 <= image.min() and image.max() <= 1.0
+    assert image.dtype == torch.uint8 and image.shape[0] == 3 and image.max() > 0  # scaled to [0, 1] on the device
     n = len(target["labels"])
     assert n > 0
     assert target["boxes"].dtype == torch.float32 and target["boxes"].shape == (n, 4)
@@ -35,12 +34,15 @@ def test_label_map_round_trips_and_maps_category_ids():
 
 def test_flip_moves_boxes_and_masks_together(synth_root):
     image, target = CocoInstanceDataset(synth_root, "train")[0]
-    flipped_image, flipped = RandomHorizontalFlip(prob=1.0)(image, target)
+    flipped_image, flipped = CocoInstanceDataset(synth_root, "train", hflip_prob=1.0)[0]
     width = image.shape[-1]
     assert torch.equal(flipped_image, image.flip(-1))
     assert torch.allclose(flipped["boxes"][:, 0], width - target["boxes"][:, 2])
+    assert torch.allclose(flipped["boxes"][:, 2], width - target["boxes"][:, 0])
     assert torch.equal(flipped["masks"], target["masks"].flip(-1))
-    assert torch.equal(target["masks"], CocoInstanceDataset(synth_root, "train")[0][1]["masks"]), "input untouched"
+    again = CocoInstanceDataset(synth_root, "train", hflip_prob=1.0)
+    assert torch.equal(again[0][1]["masks"], again[0][1]["masks"]), "cached crops give the same masks every time"
+    assert torch.equal(CocoInstanceDataset(synth_root, "train", hflip_prob=0.0)[0][1]["masks"], target["masks"])
 
 
 def test_loader_batches_lists(synth_root, tiny_config):

@@ -17,7 +17,7 @@ def test_tiny_forward_backward_gives_all_five_losses_and_gradients(synth_root):
     dataset = CocoInstanceDataset(synth_root, "train")
     model = build_model(_tiny(), dataset.label_map.num_classes).train()
     images, targets = zip(*(dataset[i] for i in range(2)))
-    losses = model(list(images), list(targets))
+    losses = model([image.float() / 255 for image in images], list(targets))
     assert set(losses) == set(TRAIN_LOSS_KEYS)
     total = sum(losses.values())
     assert torch.isfinite(total)
