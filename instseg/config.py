@@ -32,6 +32,7 @@ class DataConfig(_Section):
     num_workers: int = Field(0, ge=0)
     hflip_prob: float = Field(0.5, ge=0.0, le=1.0)
     on_invalid: Literal["error", "skip"] = "error"
+    aspect_ratio_grouping: bool = False
 
 
 class ModelConfig(_Section):

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from instseg.config import Config, flatten
-from instseg.data.loaders import build_datasets, build_loader
+from instseg.data.loaders import build_datasets, build_loader, group_by_aspect_ratio
 from instseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from instseg.engine.loops import evaluate, train_one_epoch
 from instseg.engine.optim import build_optimizer, build_scheduler
@@ -64,6 +64,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_loader = ray.train.torch.prepare_data_loader(
         build_loader(train_set, cfg.data, shuffle=True, seed=cfg.seed), move_to_device=False
     )
+    if cfg.data.aspect_ratio_grouping:
+        train_loader = group_by_aspect_ratio(train_loader, train_set, cfg.data.batch_size)
     optimizer = build_optimizer(core, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, len(train_loader))
 
@@ -91,8 +93,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, cfg.train.epochs):
         started = time.perf_counter()
-        if world_size > 1 and hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
+        sampler = train_loader.batch_sampler if cfg.data.aspect_ratio_grouping else train_loader.sampler
+        if world_size > 1 and hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
         progress = (lambda line: print(f"[epoch {epoch + 1}] {line}", flush=True)) if rank == 0 else None
         train_metrics = _mean_across_ranks(
             train_one_epoch(model, optimizer, train_loader, device, scheduler, cfg.train.log_every, progress)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+from typing import Iterator
+
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from instseg.config import DataConfig
 from instseg.data.coco import CocoInstanceDataset, LabelMap, check_dataset_root
@@ -38,3 +41,46 @@ def build_loader(dataset: CocoInstanceDataset, data: DataConfig, shuffle: bool, 
 def label_map_of(data: DataConfig) -> LabelMap:
     """The label mapping of the training split, without decoding any image."""
     return CocoInstanceDataset(data.root, data.train_split).label_map
+
+
+class AspectRatioBatchSampler(Sampler[list[int]]):
+    """Batches of images on the same side of square (landscape or portrait), drawn in the order of
+    `sampler` (a DistributedSampler included), so that padding to the batch's largest image wastes
+    little. Leftovers of each group are yielded at the end of the epoch."""
+
+    def __init__(self, sampler: Sampler[int], landscape: list[bool], batch_size: int) -> None:
+        self.sampler = sampler
+        self.landscape = landscape
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        buckets: dict[bool, list[int]] = {True: [], False: []}
+        for index in self.sampler:
+            bucket = buckets[self.landscape[index]]
+            bucket.append(index)
+            if len(bucket) == self.batch_size:
+                yield bucket[:]
+                bucket.clear()
+        for bucket in buckets.values():
+            if bucket:
+                yield bucket
+
+    def __len__(self) -> int:
+        wide = sum(self.landscape[i] for i in self.sampler)
+        return math.ceil(wide / self.batch_size) + math.ceil((len(self.sampler) - wide) / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+
+def group_by_aspect_ratio(loader: DataLoader, dataset: CocoInstanceDataset, batch_size: int) -> DataLoader:
+    """The same loader (its sampler kept, e.g. the DistributedSampler Ray Train added) with batches grouped."""
+    landscape = [dataset.coco.imgs[i]["width"] >= dataset.coco.imgs[i]["height"] for i in dataset.image_ids]
+    return DataLoader(
+        dataset,
+        batch_sampler=AspectRatioBatchSampler(loader.sampler, landscape, batch_size),
+        num_workers=loader.num_workers,
+        collate_fn=collate,
+        persistent_workers=loader.num_workers > 0,
+    )

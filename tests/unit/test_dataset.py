@@ -58,3 +58,16 @@ def test_missing_dataset_says_which_path_and_how_to_create(tmp_path):
         check_dataset_root(tmp_path / "nothing", ("train",))
     assert str(tmp_path / "nothing" / "annotations" / "instances_train.json") in str(err.value)
     assert "instseg data synth" in str(err.value)
+
+
+def test_aspect_ratio_batches_never_mix_orientations_and_cover_every_index():
+    from torch.utils.data import SequentialSampler
+
+    from instseg.data.loaders import AspectRatioBatchSampler
+
+    landscape = [True, False, True, True, False, False, True, False, True]
+    sampler = AspectRatioBatchSampler(SequentialSampler(range(len(landscape))), landscape, batch_size=2)
+    batches = list(sampler)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(landscape)))
+    assert all(len({landscape[i] for i in batch}) == 1 for batch in batches)
+    assert len(batches) == len(sampler) == 5
