@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -38,7 +38,9 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     arch: Literal["maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn", "tiny"] = "maskrcnn_resnet50_fpn_v2"
     weights: str = "DEFAULT"
-    min_size: int = Field(800, ge=32)
+    # a list is multi-scale training (scale jitter): each training batch picks one size at random,
+    # evaluation uses the last; torchvision's transform resizes image, boxes and masks together
+    min_size: Annotated[int, Field(ge=32)] | Annotated[list[Annotated[int, Field(ge=32)]], Field(min_length=1)] = 800
     max_size: int = Field(1333, ge=32)
     trainable_backbone_layers: int = Field(3, ge=0, le=6)
     box_score_thresh: float = Field(0.05, ge=0.0, le=1.0)
@@ -124,6 +126,19 @@ class Config(_Section):
     tune: TuneConfig = Field(default_factory=TuneConfig)
 
 
+def _field_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Drop pydantic's union-branch tags ('constrained-int', 'list[int]') from an error location."""
+    return tuple(part for part in loc if isinstance(part, int) or str(part).isidentifier())
+
+
+def _describe_errors(errors: list[dict[str, Any]], source: str) -> str:
+    """One line for the first failing key; a union's branch messages are joined with 'or'."""
+    first = errors[0]
+    path = _field_path(first["loc"])
+    messages = list(dict.fromkeys(e["msg"] for e in errors if _field_path(e["loc"])[: len(path)] == path))
+    return _describe_error({**first, "loc": path, "msg": " or ".join(messages)}, source)
+
+
 def _describe_error(error: dict[str, Any], source: str) -> str:
     key = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
@@ -150,7 +165,7 @@ def validate(raw: dict[str, Any], source: str = "config") -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe_error(exc.errors()[0], source)) from None
+        raise ConfigError(_describe_errors(exc.errors(), source)) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

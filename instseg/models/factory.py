@@ -40,7 +40,7 @@ _R50_BUILDERS = {
 
 def _common_kwargs(cfg: ModelConfig) -> dict:
     return {
-        "min_size": cfg.min_size,
+        "min_size": tuple(cfg.min_size) if isinstance(cfg.min_size, list) else cfg.min_size,
         "max_size": cfg.max_size,
         "box_score_thresh": cfg.box_score_thresh,
         "box_detections_per_img": cfg.box_detections_per_img,

@@ -57,3 +57,16 @@ def test_weights_from_a_state_dict_file(tmp_path):
 def test_weights_value_is_validated():
     with pytest.raises(ValueError, match="DEFAULT, none"):
         ModelConfig(weights="imagenet")
+
+
+def test_min_size_list_is_scale_jitter_in_training_and_last_size_in_eval():
+    import torch
+
+    cfg = ModelConfig(arch="tiny", weights="none", min_size=[96, 128], max_size=400)
+    model = build_model(cfg, 4).train()
+    sizes = {model.transform([torch.rand(3, 100, 130)], None)[0].image_sizes[0] for _ in range(30)}
+    assert sizes == {(96, 124), (128, 166)}
+    model.eval()
+    assert model.transform([torch.rand(3, 100, 130)], None)[0].image_sizes[0] == (128, 166)
+    with pytest.raises(ValueError, match="greater than or equal to 32"):
+        ModelConfig(min_size=[10])
