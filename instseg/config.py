@@ -62,6 +62,8 @@ class TrainConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0.0)
     lr_scheduler: Literal["cosine", "constant"] = "cosine"
     warmup_iters: int = Field(50, ge=0)
+    patience: int = Field(0, ge=0)
+    min_delta: float = Field(0.0, ge=0.0)
     log_every: int = Field(10, ge=1)
 
 

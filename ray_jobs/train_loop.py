@@ -22,11 +22,12 @@ import torch.distributed as dist
 from instseg.config import Config, flatten
 from instseg.data.loaders import build_datasets, build_loader, group_by_aspect_ratio
 from instseg.engine.checkpoint import load_checkpoint, save_checkpoint
-from instseg.engine.loops import evaluate, train_one_epoch
+from instseg.engine.early_stopping import EarlyStopping
+from instseg.engine.loops import evaluate, train_one_epoch, validation_loss
 from instseg.engine.optim import build_optimizer, build_scheduler
 from instseg.metrics.coco_eval import CocoEvaluator
 from instseg.metrics.fitness import fitness
-from instseg.metrics.names import EPOCH, FITNESS
+from instseg.metrics.names import EARLY_STOPPED, EPOCH, FITNESS
 from instseg.models import build_model
 from instseg.tracking.runs import RunLogger
 
@@ -70,6 +71,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scheduler = build_scheduler(optimizer, cfg.train, len(train_loader))
 
     start_epoch = 0
+    stopper = EarlyStopping(cfg.train.patience, cfg.train.min_delta)
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
@@ -78,6 +80,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"])
+        stopper.load_state_dict(state.get("early_stopping", {}))
 
     logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     if logger is not None and start_epoch == 0:
@@ -100,38 +103,50 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         train_metrics = _mean_across_ranks(
             train_one_epoch(model, optimizer, train_loader, device, scheduler, cfg.train.log_every, progress)
         )
-        val_metrics = _from_rank_zero(evaluate(core, val_loader, device, evaluator) if rank == 0 else None)
+        val_metrics = _from_rank_zero(
+            {**evaluate(core, val_loader, device, evaluator), **validation_loss(core, val_loader, device)} if rank == 0 else None
+        )
+        fit = fitness(val_metrics, cfg.metrics.fitness_weights)
+        stop = stopper.step(fit, epoch + 1)  # the same on every rank: metrics come from rank 0
         metrics = {
             EPOCH: epoch + 1,
             **train_metrics,
             **val_metrics,
             "train/lr": optimizer.param_groups[0]["lr"],
             "train/epoch_time_s": time.perf_counter() - started,
-            FITNESS: fitness(val_metrics, cfg.metrics.fitness_weights),
+            EARLY_STOPPED: float(stop),
+            FITNESS: fit,
         }
         if logger is None:
             ray.train.report(metrics)
-            continue
-        logger.log_metrics(metrics, step=epoch + 1)
-        print(
-            f"epoch {epoch + 1}/{cfg.train.epochs}: train/loss {metrics['train/loss']:.4f} "
-            f"val/segm_map {metrics['val/segm_map']:.4f} {FITNESS} {metrics[FITNESS]:.4f} "
-            f"({metrics['train/epoch_time_s']:.1f} s)",
-            flush=True,
+        else:
+            _log_and_report(logger, metrics, cfg, stopper, core, optimizer, scheduler, label_map, epoch + 1)
+        if stop:
+            break
+
+
+def _log_and_report(logger: RunLogger, metrics: dict[str, float], cfg: Config, stopper: EarlyStopping, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, label_map: Any, epoch: int) -> None:
+    """Rank 0: MLflow metrics, a progress line, the checkpoint with the report, and why training stops."""
+    logger.log_metrics(metrics, step=epoch)
+    print(
+        f"epoch {epoch}/{cfg.train.epochs}: train/loss {metrics['train/loss']:.4f} val/loss {metrics['val/loss']:.4f} "
+        f"val/segm_map {metrics['val/segm_map']:.4f} {FITNESS} {metrics[FITNESS]:.4f} ({metrics['train/epoch_time_s']:.1f} s)",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="instseg-ckpt-") as folder:
+        save_checkpoint(
+            Path(folder),
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            epoch=epoch,
+            config=cfg.model_dump(),
+            label_map=label_map.to_dict(),
+            metrics=metrics,
+            early_stopping=stopper.state_dict(),
         )
-        with tempfile.TemporaryDirectory(prefix="instseg-ckpt-") as folder:
-            save_checkpoint(
-                Path(folder),
-                model=core,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                epoch=epoch + 1,
-                config=cfg.model_dump(),
-                label_map=label_map.to_dict(),
-                metrics=metrics,
-            )
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(folder),
-                checkpoint_dir_name=f"epoch_{epoch + 1:04d}",
-            )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=f"epoch_{epoch:04d}")
+    if metrics[EARLY_STOPPED]:
+        print(f"early stopping: {stopper.reason}", flush=True)
+        logger.set_tags({"instseg.early_stopped": "true", "instseg.stop_reason": stopper.reason, "instseg.stopped_epoch": epoch})

@@ -26,7 +26,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from instseg.config import Config, flatten, with_values
 from instseg.errors import ConfigError
-from instseg.metrics.names import EPOCH, FITNESS, FITNESS_MODE
+from instseg.metrics.names import EARLY_STOPPED, EPOCH, FITNESS, FITNESS_MODE
 from instseg.tracking.runs import RunLogger, child_runs, create_run, resolve_tracking_uri
 from ray_jobs.cli_common import config_parser, load_config, run_cli
 from ray_jobs.runtime import init_ray
@@ -119,8 +119,8 @@ def _summarise_trials(grid: Any, cfg: Config, runs_by_trial: dict[str, Any]) -> 
         epochs = int(result.metrics.get(EPOCH, 0) or 0)
         if result.error is not None:
             status = "error"
-        elif epochs < cfg.train.epochs:
-            status = "stopped_early"
+        elif epochs < cfg.train.epochs and not result.metrics.get(EARLY_STOPPED):
+            status = "stopped_early"  # by the scheduler; patience-based early stopping counts as completed
         else:
             status = "completed"
         has_fitness = history is not None and FITNESS in history

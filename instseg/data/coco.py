@@ -235,7 +235,6 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
 
 def dataset_fingerprint(root: str | Path, splits: tuple[str, ...]) -> str:
     """sha256 of the splits' annotation files plus each image's name and size: tags runs with their
-
     data in seconds even for COCO-sized folders (image bytes are not read)."""
     digest = hashlib.sha256()
     for split in splits:

@@ -35,6 +35,7 @@ def save_checkpoint(
     config: dict[str, Any],
     label_map: dict[str, Any],
     metrics: dict[str, float],
+    early_stopping: dict[str, Any] | None = None,
 ) -> Path:
     """`epoch` is the number of completed epochs; config is Config.model_dump()."""
     path = folder / CHECKPOINT_FILE
@@ -47,6 +48,7 @@ def save_checkpoint(
             "config": config,
             "label_map": label_map,
             "metrics": metrics,
+            "early_stopping": early_stopping or {},
         },
         path,
     )

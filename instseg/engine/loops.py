@@ -74,6 +74,31 @@ def train_one_epoch(
     return means
 
 
+@torch.no_grad()
+def validation_loss(model: nn.Module, loader: Iterable, device: torch.device) -> dict[str, float]:
+    """Mean Mask R-CNN losses on `loader` without changing the model: torchvision returns losses only in
+    train mode, so the model runs in train mode with every BatchNorm in eval mode (running statistics
+    are used, not updated: the v2 model's BatchNorm is trainable) and no gradients."""
+    was_training = model.training
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    sums: dict[str, float] = {}
+    steps = 0
+    try:
+        for images, targets in loader:
+            images, targets = _to_device(images, targets, device)
+            for key, value in model(images, targets).items():
+                sums[key] = sums.get(key, 0.0) + value.item()
+            steps += 1
+    finally:
+        model.train(was_training)
+    means = {f"val/{key}": value / max(steps, 1) for key, value in sums.items()}
+    means["val/loss"] = sum(means.values())
+    return means
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, evaluator: CocoEvaluator) -> dict[str, float]:
     """COCO bbox + segm metrics of `model` over `loader` (eval mode: BatchNorm statistics untouched)."""

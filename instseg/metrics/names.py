@@ -7,6 +7,7 @@ FITNESS ranks checkpoints (Ray Train CheckpointConfig), trials (Ray Tune) and re
 FITNESS = "fitness"
 FITNESS_MODE = "max"
 EPOCH = "epoch"
+EARLY_STOPPED = "train/early_stopped"  # 1.0 on the epoch after which patience ran out
 
 TRAIN_LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 TRAIN_LOSS = "train/loss"

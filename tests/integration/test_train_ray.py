@@ -13,18 +13,22 @@ from ray_jobs.train import run_training
 pytestmark = pytest.mark.integration
 
 
-def test_train_two_epochs_reports_tracks_and_checkpoints(local_ray, tiny_config, tmp_path):
-    cfg = tiny_config("train.epochs=2", "run_name=it-train")
+def test_train_reports_tracks_checkpoints_and_stops_early(local_ray, tiny_config, tmp_path):
+    # 4 epochs allowed; an improvement of 1.0 in fitness is impossible, so patience 1 stops after epoch 2
+    cfg = tiny_config("train.epochs=4", "train.patience=1", "train.min_delta=1.0", "run_name=it-train")
     summary = run_training(cfg)
 
     client = MlflowClient(summary.tracking_uri)
     run = client.get_run(summary.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["train.epochs"] == "2" and run.data.params["model.arch"] == "tiny"
+    assert run.data.params["train.epochs"] == "4" and run.data.params["model.arch"] == "tiny"
     assert len(run.data.tags["instseg.dataset_fingerprint"]) == 16
     assert run.data.tags["version.torch"] == torch.__version__.split("+")[0] or run.data.tags["version.torch"].startswith(torch.__version__[:4])
-    for key in (FITNESS, "val/segm_map", "val/bbox_map", "train/loss", *(f"train/{k}" for k in TRAIN_LOSS_KEYS)):
+    for key in (FITNESS, "val/segm_map", "val/bbox_map", "train/loss", "val/loss", *(f"train/{k}" for k in TRAIN_LOSS_KEYS)):
         assert [m.step for m in client.get_metric_history(summary.run_id, key)] == [1, 2], key
+    assert run.data.tags["instseg.early_stopped"] == "true" and run.data.tags["instseg.stopped_epoch"] == "2"
+    assert "did not improve by more than 1.0 for 1 epochs" in run.data.tags["instseg.stop_reason"]
+    assert [m.value for m in client.get_metric_history(summary.run_id, "train/early_stopped")] == [0.0, 1.0]
     # all 12 COCO stats for both IoU types
     assert sum(k.startswith("val/bbox_") for k in run.data.metrics) == 12
     assert sum(k.startswith("val/segm_") for k in run.data.metrics) == 12
@@ -33,7 +37,7 @@ def test_train_two_epochs_reports_tracks_and_checkpoints(local_ray, tiny_config,
 
     state = load_checkpoint(summary.checkpoint_path)  # weights_only=True inside
     assert state["epoch"] in (1, 2) and state["label_map"]["names"] == ["circle", "rectangle", "triangle"]
-    assert {"model", "optimizer", "scheduler", "config", "metrics"} <= set(state)
+    assert {"model", "optimizer", "scheduler", "config", "metrics", "early_stopping"} <= set(state)
 
     bundle = download_bundle(summary.tracking_uri, summary.bundle_uri, tmp_path / "dl")
     model, label_map, meta = load_bundle(bundle)

@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from instseg.config import ModelConfig
+from instseg.data.coco import CocoInstanceDataset
+from instseg.data.loaders import collate
+from instseg.engine.early_stopping import EarlyStopping
+from instseg.engine.loops import validation_loss
+from instseg.models import build_model
+
+
+def _batches(synth_root):
+    dataset = CocoInstanceDataset(synth_root, "val")
+    return [collate([dataset[0], dataset[1]]), collate([dataset[2]])]
+
+
+def test_validation_loss_changes_no_weight_and_no_batchnorm_statistic(synth_root):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="tiny", weights="none", min_size=128, max_size=160), 4)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = validation_loss(model, _batches(synth_root), torch.device("cpu"))
+    assert {"val/loss", "val/loss_mask", "val/loss_classifier"} <= set(losses) and losses["val/loss"] > 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not model.training, "the model's mode is restored"
+    # the same pass in plain train mode would have moved the running statistics: the test can fail
+    model.train()
+    with torch.no_grad():
+        model(*[[img.float() / 255 for img in _batches(synth_root)[0][0]], _batches(synth_root)[0][1]])
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items() if "running_mean" in k)
+
+
+def test_early_stopping_counts_epochs_without_improvement_beyond_min_delta():
+    stopper = EarlyStopping(patience=2, min_delta=0.01)
+    assert [stopper.step(v, e) for e, v in enumerate([0.10, 0.20, 0.205, 0.209], start=1)] == [False, False, False, True]
+    assert (stopper.best, stopper.best_epoch, stopper.stopped_epoch) == (0.20, 2, 4)
+    assert "best 0.20000 at epoch 2" in stopper.reason and "stopped after epoch 4" in stopper.reason
+    restored = EarlyStopping(patience=2)
+    restored.load_state_dict(stopper.state_dict())
+    assert restored == stopper
+    never = EarlyStopping(patience=0)
+    assert not any(never.step(0.0, e) for e in range(1, 20))
