@@ -50,6 +50,35 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metrics(args: argparse.Namespace) -> int:
+    from instseg.config import MetricsConfig
+    from instseg.data.coco import load_coco
+    from instseg.errors import DataError
+    from instseg.metrics.report import evaluate_results, write_report
+
+    for path in (args.gt, args.results):
+        if not Path(path).is_file():
+            raise DataError(f"file not found: {path}")
+    coco_gt = load_coco(Path(args.gt))
+    try:
+        results = json.loads(Path(args.results).read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{args.results}: not JSON ({exc})") from None
+    if not isinstance(results, list):
+        raise DataError(f"{args.results}: a COCO results file is a JSON list of detections")
+    unknown = {r.get("image_id") for r in results} - set(coco_gt.getImgIds())
+    if unknown:
+        raise DataError(f"{args.results}: image ids not in {args.gt}: {sorted(unknown)[:5]}")
+    report, curves, matrix = evaluate_results(coco_gt, results, args.iou_type, MetricsConfig().fitness_weights, args.conf, args.iou)
+    names = [coco_gt.cats[c]["name"] for c in sorted(coco_gt.getCatIds())]
+    files = write_report(Path(args.out), report, curves, matrix, names)
+    key = f"{args.iou_type}_map"
+    print(f"{args.iou_type}: mAP50-95 {report[key]:.4f}  mAP50 {report[key + '50']:.4f}  P {report['precision']:.3f}  "
+          f"R {report['recall']:.3f}  F1 {report['f1']:.3f} at conf {report['best_confidence']:.3f}  Dice {report['dice']:.3f}")
+    print(f"wrote {len(files)} files to {args.out}")
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from instseg.predict import predict
 
@@ -89,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--format", choices=FORMATS, default=None, help="dataset format (default: detected)")
     check.add_argument("--names", default=None, help=names_help)
     check.set_defaults(handler=_check)
+
+    met = commands.add_parser("metrics", help="evaluate a COCO results file: metrics.json + plots")
+    met.add_argument("gt", help="COCO ground truth JSON")
+    met.add_argument("results", help="COCO results JSON (a list of detections)")
+    met.add_argument("--iou-type", choices=("segm", "bbox"), default="segm", help="mask or box IoU (default segm)")
+    met.add_argument("--out", default="metrics", help="output folder (default metrics/)")
+    met.add_argument("--conf", type=float, default=0.25, help="confusion matrix confidence threshold (default 0.25)")
+    met.add_argument("--iou", type=float, default=0.45, help="confusion matrix IoU threshold (default 0.45)")
+    met.set_defaults(handler=_metrics)
 
     pred = commands.add_parser("predict", help="predict images -> COCO results JSON")
     pred.add_argument("--model", required=True, help="models:/NAME@champion, a bundle folder or a checkpoint")

@@ -1,0 +1,102 @@
+"""`instseg metrics GT.json RESULTS.json`: COCO stats plus Ultralytics-style curves, confusion matrix and
+Dice for any COCO results file, written as metrics.json and plots. Training uses the same functions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from instseg.metrics.coco_eval import coco_stats, results_for
+from instseg.metrics.detection import ClassCurves, ConfusionMatrix, ap_per_class, match_predictions, matched_dice, summary
+from instseg.metrics.fitness import fitness
+from instseg.metrics.names import COCO_STAT_NAMES, FITNESS, val_key
+
+
+def _iou_and_areas(coco_gt: COCO, gts: list[dict], dts: list[dict], iou_type: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IoU [n_true, n_pred] and the areas of ground truth and predictions (mask or box)."""
+    if iou_type == "segm":
+        gt_items = [coco_gt.annToRLE(g) for g in gts]
+        dt_items = [{**d["segmentation"], "counts": d["segmentation"]["counts"].encode()} if isinstance(d["segmentation"]["counts"], str) else d["segmentation"] for d in dts]
+        gt_areas = np.array([mask_utils.area(r) for r in gt_items], dtype=float)
+        dt_areas = np.array([mask_utils.area(r) for r in dt_items], dtype=float)
+    else:
+        gt_items, dt_items = [g["bbox"] for g in gts], [d["bbox"] for d in dts]
+        gt_areas = np.array([b[2] * b[3] for b in gt_items], dtype=float)
+        dt_areas = np.array([b[2] * b[3] for b in dt_items], dtype=float)
+    if not gts or not dts:
+        return np.zeros((len(gts), len(dts))), gt_areas, dt_areas
+    iou = np.asarray(mask_utils.iou(dt_items, gt_items, [0] * len(gt_items)), dtype=float).T
+    return iou, gt_areas, dt_areas
+
+
+def curves_matrix_dice(
+    coco_gt: COCO, results: list[dict[str, Any]], iou_type: str, conf: float = 0.25, iou_thres: float = 0.45
+) -> tuple[ClassCurves, ConfusionMatrix, dict[int, list[float]]]:
+    cat_ids = sorted(coco_gt.getCatIds())
+    index = {cat: i for i, cat in enumerate(cat_ids)}
+    by_image: dict[int, list[dict]] = {}
+    for r in results:
+        by_image.setdefault(int(r["image_id"]), []).append(r)
+    matrix = ConfusionMatrix(len(cat_ids), conf=conf, iou=iou_thres)
+    tps, confs, pred_cls, target_cls = [], [], [], []
+    dice: dict[int, list[float]] = {}
+    for image_id in sorted(coco_gt.getImgIds()):
+        gts = [a for a in coco_gt.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+        dts = by_image.get(image_id, [])
+        iou, gt_areas, dt_areas = _iou_and_areas(coco_gt, gts, dts, iou_type)
+        true_classes = np.array([index[g["category_id"]] for g in gts], dtype=int)
+        pred_classes = np.array([index[d["category_id"]] for d in dts], dtype=int)
+        scores = np.array([d["score"] for d in dts], dtype=float)
+        tps.append(match_predictions(pred_classes, true_classes, iou))
+        confs.append(scores)
+        pred_cls.append(pred_classes)
+        target_cls.append(true_classes)
+        matrix.process(pred_classes, scores, true_classes, iou)
+        # |A∩B| from IoU: I = IoU (|A| + |B|) / (1 + IoU)
+        inter = iou * (gt_areas[:, None] + dt_areas[None, :]) / (1 + iou) if iou.size else iou
+        values, classes = matched_dice(dt_areas, gt_areas, inter, iou, pred_classes, true_classes)
+        for value, cls in zip(values.tolist(), classes.tolist()):
+            dice.setdefault(cls, []).append(value)
+    curves = ap_per_class(np.concatenate(tps) if tps else np.zeros((0, 10), bool), np.concatenate(confs) if confs else np.zeros(0),
+                          np.concatenate(pred_cls) if pred_cls else np.zeros(0, int), np.concatenate(target_cls) if target_cls else np.zeros(0, int))
+    return curves, matrix, dice
+
+
+def evaluate_results(
+    coco_gt: COCO, results: list[dict[str, Any]], iou_type: str, fitness_weights: Mapping[str, float], conf: float = 0.25, iou_thres: float = 0.45
+) -> tuple[dict[str, Any], ClassCurves, ConfusionMatrix]:
+    """metrics.json content: the 12 COCO stats, P / R / F1 at the best confidence, per-class AP, Dice,
+    fitness (over this IoU type's metrics) and the confusion matrix."""
+    stats = coco_stats(coco_gt, results_for(results, iou_type), iou_type, coco_gt.getImgIds())
+    coco = {val_key(iou_type, name): value for name, value in zip(COCO_STAT_NAMES, stats)}
+    curves, matrix, dice = curves_matrix_dice(coco_gt, results, iou_type, conf, iou_thres)
+    names = {i: coco_gt.cats[c]["name"] for i, c in enumerate(sorted(coco_gt.getCatIds()))}
+    weights = {k: w for k, w in fitness_weights.items() if k in coco}
+    all_dice = [v for values in dice.values() for v in values]
+    report = {
+        "iou_type": iou_type,
+        **{f"{iou_type}_{name}": value for name, value in zip(COCO_STAT_NAMES, stats)},
+        **summary(curves, names),
+        "dice": float(np.mean(all_dice)) if all_dice else 0.0,
+        "per_class_dice": {names[c]: float(np.mean(v)) for c, v in sorted(dice.items())},
+        FITNESS: fitness(coco, weights),
+        "fitness_weights": weights,
+        "confusion_matrix": matrix.matrix.tolist(),
+        "confusion_matrix_labels": [names[i] for i in range(len(names))] + ["background"],
+        "confusion_conf": conf,
+        "confusion_iou": iou_thres,
+    }
+    return report, curves, matrix
+
+
+def write_report(out: Path, report: dict[str, Any], curves: ClassCurves, matrix: ConfusionMatrix, names: list[str]) -> list[Path]:
+    from instseg.metrics.plots import plot_confusion_matrix, plot_curves
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    return [out / "metrics.json", *plot_confusion_matrix(matrix, names, out), *plot_curves(curves, names, out)]
