@@ -27,9 +27,14 @@ from instseg.engine.loops import evaluate, train_one_epoch, validation_loss
 from instseg.engine.optim import build_optimizer, build_scheduler
 from instseg.metrics.coco_eval import CocoEvaluator
 from instseg.metrics.fitness import fitness
-from instseg.metrics.names import EARLY_STOPPED, EPOCH, FITNESS
+from instseg.metrics.names import EARLY_STOPPED, EPOCH, FITNESS, TRAIN_LOSS_KEYS
+from instseg.metrics.report import curve_metrics, write_training_plots
 from instseg.models import build_model
 from instseg.tracking.runs import RunLogger
+
+
+PLOTTED_IMAGES = 8  # validation images in the predictions grid
+OVERLAY_SCORE = 0.25  # detections drawn on them: Ultralytics' plotting threshold
 
 
 def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -72,6 +77,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     start_epoch = 0
     stopper = EarlyStopping(cfg.train.patience, cfg.train.min_delta)
+    last_curves = None
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
@@ -103,9 +109,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         train_metrics = _mean_across_ranks(
             train_one_epoch(model, optimizer, train_loader, device, scheduler, cfg.train.log_every, progress)
         )
-        val_metrics = _from_rank_zero(
-            {**evaluate(core, val_loader, device, evaluator), **validation_loss(core, val_loader, device)} if rank == 0 else None
-        )
+        if rank == 0:
+            coco_metrics = evaluate(core, val_loader, device, evaluator)
+            curve_values, last_curves = _curve_metrics(val_set, evaluator)
+            val_metrics = {**coco_metrics, **curve_values, **validation_loss(core, val_loader, device)}
+        val_metrics = _from_rank_zero(val_metrics if rank == 0 else None)
         fit = fitness(val_metrics, cfg.metrics.fitness_weights)
         stop = stopper.step(fit, epoch + 1)  # the same on every rank: metrics come from rank 0
         metrics = {
@@ -123,6 +131,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _log_and_report(logger, metrics, cfg, stopper, core, optimizer, scheduler, label_map, epoch + 1)
         if stop:
             break
+    if logger is not None and last_curves is not None:
+        _log_plots(logger, last_curves, label_map, val_set, evaluator)
+
+
+def _curve_metrics(val_set: Any, evaluator: CocoEvaluator) -> tuple[dict[str, float], tuple[Any, Any]]:
+    """P / R / F1 / Dice of the masks (Ultralytics definitions) from the predictions just evaluated."""
+    values, curves, matrix = curve_metrics(val_set.coco, evaluator.results, "segm")
+    return values, (curves, matrix)
+
+
+def _log_plots(logger: RunLogger, curves_and_matrix: tuple[Any, Any], label_map: Any, val_set: Any, evaluator: CocoEvaluator) -> None:
+    """Rank 0, after the last epoch: confusion matrix, curves, loss curves and validation overlays to MLflow."""
+    curves, matrix = curves_and_matrix
+    history = {key: logger.history(key) for key in ("train/loss", "val/loss", *(f"train/{k}" for k in TRAIN_LOSS_KEYS))}
+    samples = []
+    for index in range(min(PLOTTED_IMAGES, len(val_set))):
+        image, target = val_set[index]
+        samples.append((image, [r for r in evaluator.results if r["image_id"] == target["image_id"]]))
+    with tempfile.TemporaryDirectory(prefix="instseg-plots-") as folder:
+        for path in write_training_plots(Path(folder), curves, matrix, label_map, history, samples, score=OVERLAY_SCORE):
+            logger.log_artifact(path, "plots")
 
 
 def _log_and_report(logger: RunLogger, metrics: dict[str, float], cfg: Config, stopper: EarlyStopping, model: torch.nn.Module,

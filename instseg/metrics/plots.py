@@ -68,3 +68,43 @@ def plot_curves(curves: ClassCurves, names: list[str], out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(out / file_name)
     return paths
+
+
+def plot_losses(history: dict[str, list[tuple[int, float]]], out: Path) -> Path:
+    """Train and validation losses per epoch (history: metric -> [(epoch, value)])."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, points in sorted(history.items()):
+        if points:
+            epochs, values = zip(*sorted(points))
+            ax.plot(epochs, values, marker="o", linewidth=2 if key.endswith("/loss") else 0.8, label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=120)
+    plt.close(fig)
+    return out / "loss_curves.png"
+
+
+def plot_overlays(images: list, predictions: list[dict], names: list[str], out: Path, size: int = 256) -> Path:
+    """A grid of validation images with predicted masks and boxes (uint8 [3, H, W] images; predictions with
+    boolean masks [N, H, W], xyxy boxes, 0-based class indices and scores)."""
+    import torch
+    from torchvision.io import write_png
+    from torchvision.transforms.v2 import functional as F
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
+
+    palette = [tuple(int(c) for c in np.array(plt_color) * 255) for plt_color in _pyplot().get_cmap("tab20").colors]
+    tiles = []
+    for image, pred in zip(images, predictions):
+        colors = [palette[int(c) % len(palette)] for c in pred["classes"]]
+        tile = image
+        if len(pred["classes"]):
+            tile = draw_segmentation_masks(tile, pred["masks"], alpha=0.5, colors=colors)
+            labels = [f"{names[int(c)]} {s:.2f}" for c, s in zip(pred["classes"], pred["scores"])]
+            tile = draw_bounding_boxes(tile, pred["boxes"], labels=labels, colors=colors, width=2)
+        tiles.append(F.resize(tile, [size, size], antialias=True))
+    grid = make_grid(torch.stack(tiles), nrow=4, padding=4) if tiles else torch.zeros((3, size, size), dtype=torch.uint8)
+    write_png(grid, str(out / "val_predictions.png"))
+    return out / "val_predictions.png"

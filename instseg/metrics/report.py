@@ -11,6 +11,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from instseg.data.coco import LabelMap
 from instseg.metrics.coco_eval import coco_stats, results_for
 from instseg.metrics.detection import ClassCurves, ConfusionMatrix, ap_per_class, match_predictions, matched_dice, summary
 from instseg.metrics.fitness import fitness
@@ -92,6 +93,51 @@ def evaluate_results(
         "confusion_iou": iou_thres,
     }
     return report, curves, matrix
+
+
+def curve_metrics(coco_gt: COCO, results: list[dict[str, Any]], iou_type: str) -> tuple[dict[str, float], ClassCurves, ConfusionMatrix]:
+    """Per-epoch `val/{iou_type}_precision|recall|f1|dice` (at the F1-optimal confidence) and what plots need."""
+    curves, matrix, dice = curves_matrix_dice(coco_gt, results_for(results, iou_type), iou_type)
+    best = curves.mean_at_best()
+    all_dice = [v for values in dice.values() for v in values]
+    metrics = {val_key(iou_type, key): value for key, value in best.items()}
+    metrics[val_key(iou_type, "dice")] = float(np.mean(all_dice)) if all_dice else 0.0
+    return metrics, curves, matrix
+
+
+def write_training_plots(
+    out: Path,
+    curves: ClassCurves,
+    matrix: ConfusionMatrix,
+    label_map: LabelMap,
+    loss_history: dict[str, list[tuple[int, float]]],
+    samples: list[tuple[Any, list[dict[str, Any]]]],
+    score: float,
+) -> list[Path]:
+    """Confusion matrices, PR / P / R / F1 curves, loss curves and a grid of validation predictions
+    (samples: (uint8 image, its COCO results) pairs; detections below `score` are not drawn)."""
+    import torch
+
+    from instseg.metrics.plots import plot_confusion_matrix, plot_curves, plot_losses, plot_overlays
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(label_map.names)
+    predictions = []
+    for image, dets in samples:
+        kept = [d for d in dets if d["score"] >= score]
+        masks = [mask_utils.decode({**d["segmentation"], "counts": d["segmentation"]["counts"].encode()}) for d in kept]
+        predictions.append({
+            "masks": torch.from_numpy(np.stack(masks)).bool() if masks else torch.zeros((0, *image.shape[1:]), dtype=torch.bool),
+            "boxes": torch.tensor([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2], d["bbox"][1] + d["bbox"][3]] for d in kept]).reshape(-1, 4),
+            "classes": [label_map.label(d["category_id"]) - 1 for d in kept],
+            "scores": [d["score"] for d in kept],
+        })
+    return [
+        *plot_confusion_matrix(matrix, names, out),
+        *plot_curves(curves, names, out),
+        plot_losses(loss_history, out),
+        plot_overlays([image for image, _ in samples], predictions, names, out),
+    ]
 
 
 def write_report(out: Path, report: dict[str, Any], curves: ClassCurves, matrix: ConfusionMatrix, names: list[str]) -> list[Path]:

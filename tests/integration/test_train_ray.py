@@ -1,11 +1,13 @@
 """One real Ray Train run (Train V2, 1 CPU worker) of the tiny model, tracked in a real MLflow store."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from mlflow import MlflowClient
 
 from instseg.engine.checkpoint import load_checkpoint
-from instseg.metrics.names import FITNESS, TRAIN_LOSS_KEYS
+from instseg.metrics.names import COCO_STAT_NAMES, FITNESS, TRAIN_LOSS_KEYS
 from instseg.models.bundle import load_bundle
 from instseg.tracking.registry import download_bundle
 from ray_jobs.train import run_training
@@ -30,10 +32,14 @@ def test_train_reports_tracks_checkpoints_and_stops_early(local_ray, tiny_config
     assert "did not improve by more than 1.0 for 1 epochs" in run.data.tags["instseg.stop_reason"]
     assert [m.value for m in client.get_metric_history(summary.run_id, "train/early_stopped")] == [0.0, 1.0]
     # all 12 COCO stats for both IoU types
-    assert sum(k.startswith("val/bbox_") for k in run.data.metrics) == 12
-    assert sum(k.startswith("val/segm_") for k in run.data.metrics) == 12
+    assert all(f"val/{t}_{name}" in run.data.metrics for t in ("bbox", "segm") for name in COCO_STAT_NAMES)
     artifacts = {a.path for a in client.list_artifacts(summary.run_id)}
-    assert {"config.yaml", "label_map.json", "bundle"} <= artifacts
+    assert {"config.yaml", "label_map.json", "bundle", "plots"} <= artifacts
+    plots = {Path(a.path).name for a in client.list_artifacts(summary.run_id, "plots")}
+    assert plots == {"confusion_matrix.png", "confusion_matrix_normalized.png", "PR_curve.png", "P_curve.png", "R_curve.png",
+                     "F1_curve.png", "loss_curves.png", "val_predictions.png"}
+    for key in ("val/segm_precision", "val/segm_recall", "val/segm_f1", "val/segm_dice"):
+        assert [m.step for m in client.get_metric_history(summary.run_id, key)] == [1, 2], key
 
     state = load_checkpoint(summary.checkpoint_path)  # weights_only=True inside
     assert state["epoch"] in (1, 2) and state["label_map"]["names"] == ["circle", "rectangle", "triangle"]
