@@ -45,6 +45,7 @@ class ModelConfig(_Section):
     trainable_backbone_layers: int = Field(3, ge=0, le=6)
     box_score_thresh: float = Field(0.05, ge=0.0, le=1.0)
     box_detections_per_img: int = Field(100, ge=1)
+    mask_dice_weight: float = Field(0.0, ge=0.0)
 
     @field_validator("weights")
     @classmethod

@@ -44,7 +44,7 @@ def train_one_epoch(
 
     `scheduler` steps per iteration (warm-up + per-iteration decay)."""
     model.train()
-    sums = dict.fromkeys((*TRAIN_LOSS_KEYS, "loss"), 0.0)
+    sums = dict.fromkeys((*TRAIN_LOSS_KEYS, "loss"), 0.0)  # plus any extra term (loss_mask_dice)
     steps = 0
     start = time.perf_counter()
     for images, targets in loader:
@@ -62,14 +62,14 @@ def train_one_epoch(
         if scheduler is not None:
             scheduler.step()
         for key, value in loss_dict.items():
-            sums[key] += value.item()
+            sums[key] = sums.get(key, 0.0) + value.item()
         sums["loss"] += loss.item()
         steps += 1
         if progress is not None and steps % log_every == 0:
             rate = steps / (time.perf_counter() - start)
             progress(f"step {steps}: loss {sums['loss'] / steps:.4f} ({rate:.2f} it/s)")
     steps = max(steps, 1)
-    means = {train_key(key): sums[key] / steps for key in TRAIN_LOSS_KEYS}
+    means = {train_key(key): value / steps for key, value in sums.items() if key != "loss"}
     means[TRAIN_LOSS] = sums["loss"] / steps
     return means
 

@@ -31,6 +31,7 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from instseg.config import ModelConfig
 from instseg.errors import ConfigError
+from instseg.models.dice_heads import DiceRoIHeads
 
 _R50_BUILDERS = {
     "maskrcnn_resnet50_fpn_v2": (maskrcnn_resnet50_fpn_v2, MaskRCNN_ResNet50_FPN_V2_Weights.DEFAULT),
@@ -117,6 +118,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         raise ConfigError(f"model.weights: file not found: {weights}")
     pretrained = weights.upper() == "DEFAULT"
     model = _build_tiny(cfg, num_classes, pretrained) if cfg.arch == "tiny" else _build_r50(cfg, num_classes, pretrained)
+    if cfg.mask_dice_weight > 0:
+        model.roi_heads = DiceRoIHeads.from_heads(model.roi_heads, cfg.mask_dice_weight)
     if is_path:
         try:
             model.load_state_dict(load_state_dict_file(weights))

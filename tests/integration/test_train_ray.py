@@ -17,7 +17,8 @@ pytestmark = pytest.mark.integration
 
 def test_train_reports_tracks_checkpoints_and_stops_early(local_ray, tiny_config, tmp_path):
     # 4 epochs allowed; an improvement of 1.0 in fitness is impossible, so patience 1 stops after epoch 2
-    cfg = tiny_config("train.epochs=4", "train.patience=1", "train.min_delta=1.0", "run_name=it-train")
+    # with the soft-Dice term on the mask head
+    cfg = tiny_config("train.epochs=4", "train.patience=1", "train.min_delta=1.0", "model.mask_dice_weight=0.5", "run_name=it-train")
     summary = run_training(cfg)
 
     client = MlflowClient(summary.tracking_uri)
@@ -26,7 +27,7 @@ def test_train_reports_tracks_checkpoints_and_stops_early(local_ray, tiny_config
     assert run.data.params["train.epochs"] == "4" and run.data.params["model.arch"] == "tiny"
     assert len(run.data.tags["instseg.dataset_fingerprint"]) == 16
     assert run.data.tags["version.torch"] == torch.__version__.split("+")[0] or run.data.tags["version.torch"].startswith(torch.__version__[:4])
-    for key in (FITNESS, "val/segm_map", "val/bbox_map", "train/loss", "val/loss", *(f"train/{k}" for k in TRAIN_LOSS_KEYS)):
+    for key in (FITNESS, "val/segm_map", "val/bbox_map", "train/loss", "val/loss", "train/loss_mask_dice", *(f"train/{k}" for k in TRAIN_LOSS_KEYS)):
         assert [m.step for m in client.get_metric_history(summary.run_id, key)] == [1, 2], key
     assert run.data.tags["instseg.early_stopped"] == "true" and run.data.tags["instseg.stopped_epoch"] == "2"
     assert "did not improve by more than 1.0 for 1 epochs" in run.data.tags["instseg.stop_reason"]

@@ -42,3 +42,34 @@ def test_early_stopping_counts_epochs_without_improvement_beyond_min_delta():
     assert restored == stopper
     never = EarlyStopping(patience=0)
     assert not any(never.step(0.0, e) for e in range(1, 20))
+
+
+def test_soft_dice_loss_hand_values():
+    from instseg.models.dice_heads import soft_dice_loss
+
+    target = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    perfect = torch.tensor([[20.0, 20.0, -20.0, -20.0]])
+    assert soft_dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
+    # sigmoid(0) = 0.5 everywhere: |P|=2, |T|=2, |P∩T|=1 -> 1 - (2 + 1) / (4 + 1)
+    assert soft_dice_loss(torch.zeros(1, 4), target).item() == pytest.approx(1 - 3 / 5)
+
+
+def test_mask_dice_weight_adds_a_trainable_loss_term(synth_root):
+    from instseg.models.dice_heads import DICE_LOSS, DiceRoIHeads
+
+    dataset = CocoInstanceDataset(synth_root, "train")
+    images, targets = collate([dataset[0], dataset[1]])
+    images = [image.float() / 255 for image in images]
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(arch="tiny", weights="none", min_size=128, max_size=160), 4).train()
+    assert DICE_LOSS not in plain(images, targets)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="tiny", weights="none", min_size=128, max_size=160, mask_dice_weight=0.5), 4).train()
+    assert isinstance(model.roi_heads, DiceRoIHeads)
+    losses = model(images, targets)
+    assert 0 < losses[DICE_LOSS].item() <= 0.5
+    losses[DICE_LOSS].backward()
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.weight.grad.abs().sum() > 0
+    assert set(plain.state_dict()) == set(model.state_dict()), "checkpoints stay interchangeable"
+    with torch.inference_mode():
+        assert set(model.eval()([images[0]])[0]) == {"boxes", "labels", "scores", "masks"}
