@@ -6,7 +6,6 @@ import contextlib
 import io
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -26,8 +25,11 @@ def to_coco_results(image_id: int, output: dict[str, torch.Tensor], label_map: L
     labels = output["labels"].detach().cpu().numpy()
     masks = None
     if "masks" in output:
-        binary = (output["masks"].detach().cpu()[:, 0] > MASK_THRESHOLD).numpy().astype(np.uint8)
-        masks = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0))) if len(binary) else []
+        # pycocotools wants [H, W, N] in column-major order, which is [N, W, H] in row-major order: one
+        # uint8 transposing copy in torch, then a zero-copy numpy view that is already Fortran-ordered
+        binary = (output["masks"].detach()[:, 0] > MASK_THRESHOLD).transpose(1, 2).contiguous().cpu()
+        fortran = binary.view(torch.uint8).numpy().transpose(2, 1, 0)
+        masks = mask_utils.encode(fortran) if len(binary) else []
     results = []
     for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
         entry: dict[str, Any] = {
