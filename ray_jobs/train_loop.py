@@ -23,7 +23,8 @@ from instseg.config import Config, flatten
 from instseg.data.loaders import build_datasets, build_loader, group_by_aspect_ratio
 from instseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from instseg.engine.early_stopping import EarlyStopping
-from instseg.engine.loops import evaluate, train_one_epoch, validation_loss
+from instseg.engine.distributed import evaluate_sharded
+from instseg.engine.loops import train_one_epoch, validation_loss
 from instseg.engine.optim import build_optimizer, build_scheduler
 from instseg.metrics.coco_eval import CocoEvaluator
 from instseg.metrics.fitness import fitness
@@ -109,8 +110,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         train_metrics = _mean_across_ranks(
             train_one_epoch(model, optimizer, train_loader, device, scheduler, cfg.train.log_every, progress)
         )
+        # every rank predicts its shard of the validation set; rank 0 gathers them and computes
+        coco_metrics = evaluate_sharded(core, val_set, cfg.data, device, evaluator)
         if rank == 0:
-            coco_metrics = evaluate(core, val_loader, device, evaluator)
             curve_values, last_curves = _curve_metrics(val_set, evaluator)
             val_metrics = {**coco_metrics, **curve_values, **validation_loss(core, val_loader, device)}
         val_metrics = _from_rank_zero(val_metrics if rank == 0 else None)

@@ -6,7 +6,7 @@ import math
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, Subset
 
 from instseg.config import DataConfig
 from instseg.data.coco import CocoInstanceDataset, LabelMap, check_dataset_root
@@ -35,6 +35,18 @@ def build_loader(dataset: CocoInstanceDataset, data: DataConfig, shuffle: bool, 
         collate_fn=collate,
         generator=generator,
         persistent_workers=data.num_workers > 0,
+    )
+
+
+def shard_loader(dataset: CocoInstanceDataset, data: DataConfig, rank: int, world_size: int) -> DataLoader:
+    """Rank `rank`'s share of `dataset` for evaluation: every world_size-th image, no padding (a
+    DistributedSampler repeats images to even out shards, which would count them twice)."""
+    return DataLoader(
+        Subset(dataset, range(rank, len(dataset), world_size)),
+        batch_size=data.batch_size,
+        shuffle=False,
+        num_workers=data.num_workers,
+        collate_fn=collate,
     )
 
 

@@ -100,16 +100,21 @@ def validation_loss(model: nn.Module, loader: Iterable, device: torch.device) ->
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device, evaluator: CocoEvaluator) -> dict[str, float]:
-    """COCO bbox + segm metrics of `model` over `loader` (eval mode: BatchNorm statistics untouched)."""
+def predict_into(model: nn.Module, loader: Iterable, device: torch.device, evaluator: CocoEvaluator) -> None:
+    """Feed the predictions of `model` over `loader` to `evaluator` (reset first; eval mode, so
+    BatchNorm statistics are untouched)."""
     was_training = model.training
     model.eval()
     evaluator.reset()
     try:
         for images, targets in loader:
             images, _ = _to_device(images, [], device)
-            outputs = model(images)
-            evaluator.process(targets, outputs)
+            evaluator.process(targets, model(images))
     finally:
         model.train(was_training)
+
+
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, evaluator: CocoEvaluator) -> dict[str, float]:
+    """COCO bbox + segm metrics of `model` over `loader`, in one process."""
+    predict_into(model, loader, device, evaluator)
     return evaluator.compute()

@@ -88,6 +88,16 @@ class CocoEvaluator:
             self.image_ids.add(image_id)
             self.results.extend(to_coco_results(image_id, output, self.label_map))
 
+    def merge(self, parts: list[tuple[list[dict[str, Any]], set[int]]]) -> None:
+        """Take the (results, image ids) of every rank, e.g. from torch.distributed.all_gather_object."""
+        self.reset()
+        for results, image_ids in parts:
+            self.results.extend(results)
+            self.image_ids |= set(image_ids)
+
+    def state(self) -> tuple[list[dict[str, Any]], set[int]]:
+        return self.results, self.image_ids
+
     def compute(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for iou_type in self.iou_types:

@@ -50,3 +50,12 @@ def test_train_reports_tracks_checkpoints_and_stops_early(local_ray, tiny_config
     model, label_map, meta = load_bundle(bundle)
     assert label_map.num_classes == 4 and not model.training
     assert meta["metrics"][FITNESS] == pytest.approx(state["metrics"][FITNESS])
+
+
+def test_two_ddp_workers_train_and_share_one_evaluation(local_ray, tiny_config):
+    """2 CPU workers (gloo): distinct shards, losses averaged, validation predictions gathered on rank 0."""
+    cfg = tiny_config("train.epochs=1", "ray.num_workers=2", "run_name=it-ddp")
+    summary = run_training(cfg)
+    run = MlflowClient(summary.tracking_uri).get_run(summary.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["ray.world_size"] == "2"
+    assert FITNESS in run.data.metrics and "val/segm_map" in run.data.metrics
