@@ -87,6 +87,13 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_format_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=FORMATS, default=None, help="dataset format (default: detected)")
+    parser.add_argument(
+        "--names", default=None, help="YOLO class names: a data yaml, 'coco80', or 'a,b,c' (default: the yaml beside the data, else the 80 COCO names)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instseg", description="Mask R-CNN instance segmentation tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -98,12 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.set_defaults(handler=_synth)
 
-    names_help = "YOLO class names: a data yaml, 'coco80', or 'a,b,c' (default: the yaml in SRC, else the 80 COCO names)"
     conv = data.add_parser("convert", help="convert COCO / Roboflow / YOLO-seg to instseg's COCO layout")
     conv.add_argument("src", help="source dataset folder")
     conv.add_argument("dst", help="output folder (annotations/instances_{split}.json + images/{split}/)")
-    conv.add_argument("--format", choices=FORMATS, default=None, help="source format (default: detected)")
-    conv.add_argument("--names", default=None, help=names_help)
+    _add_format_options(conv)
     conv.set_defaults(handler=_convert)
 
     down = data.add_parser("download", help="download a public dataset and convert it (coco8-seg, coco128-seg)")
@@ -115,8 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = data.add_parser("check", help="summarise a dataset and list every problem (exit 1 if any)")
     check.add_argument("path", help="dataset folder in any supported format")
-    check.add_argument("--format", choices=FORMATS, default=None, help="dataset format (default: detected)")
-    check.add_argument("--names", default=None, help=names_help)
+    _add_format_options(check)
     check.set_defaults(handler=_check)
 
     met = commands.add_parser("metrics", help="evaluate a COCO results file: metrics.json + plots")
