@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from flows.pipeline import FLOW_NAME, tune_register_promote
 from instseg.data.coco import annotation_path
@@ -50,6 +51,28 @@ def print_summary(result: dict[str, Any], elapsed: float, data_root: str) -> Non
     print("=" * 78)
 
 
+@contextmanager
+def one_prefect_api() -> Iterator[None]:
+    """The flow and its tasks on Ray workers must talk to the same Prefect API. With PREFECT_API_URL set
+    (a `prefect server start`), nothing to do; otherwise start Prefect's temporary local server here and
+    export its URL before Ray starts, so the workers inherit it instead of each starting their own."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()  # stopped at exit by Prefect, after its log worker has drained into it
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = config_parser("python -m flows.demo", "Run the tune -> register -> promote demo locally")
     args = parser.parse_args(argv)
@@ -58,8 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"synthesizing {cfg.data.synth_images} images into {cfg.data.root}", flush=True)
         synthesize(cfg.data.root, images=cfg.data.synth_images, seed=cfg.seed)
     started = time.perf_counter()
-    init_ray(cfg.ray.address)
-    result = tune_register_promote(config_path=args.config, overrides=args.overrides)
+    with one_prefect_api():
+        init_ray(cfg.ray.address)
+        result = tune_register_promote(config_path=args.config, overrides=args.overrides)
     print_summary(result, time.perf_counter() - started, os.path.relpath(cfg.data.root))
     return 0
 
