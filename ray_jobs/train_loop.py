@@ -130,11 +130,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if logger is None:
             ray.train.report(metrics)
         else:
-            _log_and_report(logger, metrics, cfg, stopper, core, optimizer, scheduler, label_map, epoch + 1)
+            _log_epoch(logger, metrics, cfg, epoch + 1)
+            if stop or epoch + 1 == cfg.train.epochs:
+                # before the last report: under Tune that report ends the trial and its workers
+                _log_plots(logger, last_curves, label_map, val_set, evaluator)
+            _checkpoint_and_report(logger, metrics, cfg, stopper, core, optimizer, scheduler, label_map, epoch + 1)
         if stop:
             break
-    if logger is not None and last_curves is not None:
-        _log_plots(logger, last_curves, label_map, val_set, evaluator)
 
 
 def _curve_metrics(val_set: Any, evaluator: CocoEvaluator) -> tuple[dict[str, float], tuple[Any, Any]]:
@@ -144,7 +146,7 @@ def _curve_metrics(val_set: Any, evaluator: CocoEvaluator) -> tuple[dict[str, fl
 
 
 def _log_plots(logger: RunLogger, curves_and_matrix: tuple[Any, Any], label_map: Any, val_set: Any, evaluator: CocoEvaluator) -> None:
-    """Rank 0, after the last epoch: confusion matrix, curves, loss curves and validation overlays to MLflow."""
+    """Rank 0, at the last epoch: confusion matrix, curves, loss curves and validation overlays to MLflow."""
     curves, matrix = curves_and_matrix
     history = {key: logger.history(key) for key in ("train/loss", "val/loss", *(f"train/{k}" for k in TRAIN_LOSS_KEYS))}
     samples = []
@@ -156,15 +158,19 @@ def _log_plots(logger: RunLogger, curves_and_matrix: tuple[Any, Any], label_map:
             logger.log_artifact(path, "plots")
 
 
-def _log_and_report(logger: RunLogger, metrics: dict[str, float], cfg: Config, stopper: EarlyStopping, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler: Any, label_map: Any, epoch: int) -> None:
-    """Rank 0: MLflow metrics, a progress line, the checkpoint with the report, and why training stops."""
+def _log_epoch(logger: RunLogger, metrics: dict[str, float], cfg: Config, epoch: int) -> None:
+    """Rank 0: the epoch's metrics to MLflow and a progress line."""
     logger.log_metrics(metrics, step=epoch)
     print(
         f"epoch {epoch}/{cfg.train.epochs}: train/loss {metrics['train/loss']:.4f} val/loss {metrics['val/loss']:.4f} "
         f"val/segm_map {metrics['val/segm_map']:.4f} {FITNESS} {metrics[FITNESS]:.4f} ({metrics['train/epoch_time_s']:.1f} s)",
         flush=True,
     )
+
+
+def _checkpoint_and_report(logger: RunLogger, metrics: dict[str, float], cfg: Config, stopper: EarlyStopping, model: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer, scheduler: Any, label_map: Any, epoch: int) -> None:
+    """Rank 0: the checkpoint with the one report of the epoch, and why training stops when it does."""
     with tempfile.TemporaryDirectory(prefix="instseg-ckpt-") as folder:
         save_checkpoint(
             Path(folder),

@@ -27,8 +27,11 @@ def test_two_trial_study_has_nested_runs_with_per_epoch_fitness(local_ray, tiny_
         steps = [m.step for m in client.get_metric_history(child.info.run_id, FITNESS)]
         assert steps[:1] == [1] and steps == sorted(set(steps))
         assert child.data.tags["instseg.stopped_early"] == str(child.info.status == "KILLED").lower()
+        if child.info.status == "FINISHED":  # plots are logged before the last report ends the trial
+            assert "plots/PR_curve.png" in {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
     sampled_lrs = {t.params["train.lr"] for t in summary.trials}
     assert len(sampled_lrs) == 2 and all(0.003 <= lr <= 0.05 for lr in sampled_lrs)
+    assert any(c.info.status == "FINISHED" for c in children)
     best = max(summary.trials, key=lambda t: t.best_fitness)
     assert summary.best_run_id == best.run_id and summary.best_fitness == pytest.approx(best.best_fitness)
     assert summary.best_bundle_uri == f"runs:/{summary.best_run_id}/bundle"
