@@ -50,11 +50,6 @@ def shard_loader(dataset: CocoInstanceDataset, data: DataConfig, rank: int, worl
     )
 
 
-def label_map_of(data: DataConfig) -> LabelMap:
-    """The label mapping of the training split, without decoding any image."""
-    return CocoInstanceDataset(data.root, data.train_split).label_map
-
-
 class AspectRatioBatchSampler(Sampler[list[int]]):
     """Batches of images on the same side of square (landscape or portrait), drawn in the order of
     `sampler` (a DistributedSampler included), so that padding to the batch's largest image wastes

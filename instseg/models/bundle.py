@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -59,10 +58,3 @@ def load_bundle(folder: str | os.PathLike[str]) -> tuple[nn.Module, LabelMap, di
     model = build_model(ModelConfig.model_validate(meta["model"]), label_map.num_classes)
     model.load_state_dict(load_state_dict_file(folder / WEIGHTS_FILE))
     return model.eval(), label_map, meta
-
-
-def copy_bundle(src: Path, dst: Path) -> Path:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in (WEIGHTS_FILE, META_FILE):
-        shutil.copy2(src / name, dst / name)
-    return dst

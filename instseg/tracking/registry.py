@@ -47,10 +47,6 @@ class PromotionResult:
         return asdict(self)
 
 
-def model_uri(model_name: str, alias: str) -> str:
-    return f"models:/{model_name}@{alias}"
-
-
 @contextmanager
 def _tracking_uri(uri: str) -> Iterator[None]:
     """mlflow.set_tracking_uri for the fluent API, undone afterwards: it also sets MLFLOW_TRACKING_URI
