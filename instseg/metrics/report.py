@@ -11,7 +11,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from instseg.data.coco import LabelMap
+from instseg.data.coco import LabelMap, to_rle
 from instseg.metrics.coco_eval import coco_stats, results_for
 from instseg.metrics.detection import ClassCurves, ConfusionMatrix, ap_per_class, match_predictions, matched_dice, summary
 from instseg.metrics.fitness import fitness
@@ -22,7 +22,7 @@ def _iou_and_areas(coco_gt: COCO, gts: list[dict], dts: list[dict], iou_type: st
     """IoU [n_true, n_pred] and the areas of ground truth and predictions (mask or box)."""
     if iou_type == "segm":
         gt_items = [coco_gt.annToRLE(g) for g in gts]
-        dt_items = [{**d["segmentation"], "counts": d["segmentation"]["counts"].encode()} if isinstance(d["segmentation"]["counts"], str) else d["segmentation"] for d in dts]
+        dt_items = [to_rle(d["segmentation"], *d["segmentation"]["size"]) for d in dts]
         gt_areas = np.array([mask_utils.area(r) for r in gt_items], dtype=float)
         dt_areas = np.array([mask_utils.area(r) for r in dt_items], dtype=float)
     else:
@@ -125,7 +125,7 @@ def write_training_plots(
     predictions = []
     for image, dets in samples:
         kept = [d for d in dets if d["score"] >= score]
-        masks = [mask_utils.decode({**d["segmentation"], "counts": d["segmentation"]["counts"].encode()}) for d in kept]
+        masks = [mask_utils.decode(to_rle(d["segmentation"], *d["segmentation"]["size"])) for d in kept]
         predictions.append({
             "masks": torch.from_numpy(np.stack(masks)).bool() if masks else torch.zeros((0, *image.shape[1:]), dtype=torch.bool),
             "boxes": torch.tensor([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2], d["bbox"][1] + d["bbox"][3]] for d in kept]).reshape(-1, 4),
