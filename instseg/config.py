@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from instseg.errors import ConfigError
 
@@ -33,6 +33,8 @@ class DataConfig(_Section):
     hflip_prob: float = Field(0.5, ge=0.0, le=1.0)
     on_invalid: Literal["error", "skip"] = "error"
     aspect_ratio_grouping: bool = False
+    pin_memory: bool = True  # applied only when a GPU is present
+    persistent_workers: bool = True  # applied only when num_workers > 0
 
 
 class ModelConfig(_Section):
@@ -46,6 +48,7 @@ class ModelConfig(_Section):
     box_score_thresh: float = Field(0.05, ge=0.0, le=1.0)
     box_detections_per_img: int = Field(100, ge=1)
     mask_dice_weight: float = Field(0.0, ge=0.0)
+    sync_batchnorm: bool = False
 
     @field_validator("weights")
     @classmethod
@@ -66,6 +69,13 @@ class TrainConfig(_Section):
     patience: int = Field(0, ge=0)
     min_delta: float = Field(0.0, ge=0.0)
     log_every: int = Field(10, ge=1)
+    # linear scaling rule (Goyal et al. 2017): lr is right for lr_reference_batch images per step and is
+    # multiplied by global_batch / lr_reference_batch; null = data.batch_size (lr scales with the workers)
+    lr_reference_batch: int | None = Field(None, ge=1)
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    grad_clip_norm: float = Field(0.0, ge=0.0)
+    channels_last: bool = False
+    cudnn_benchmark: bool = False
 
 
 class MetricsConfig(_Section):
@@ -87,6 +97,7 @@ class RayConfig(_Section):
     cpus_per_worker: float = Field(1.0, gt=0.0)
     storage_path: str = "ray_results"
     max_failures: int = Field(0, ge=-1)
+    max_startup_failures: int = Field(3, ge=-1)
     checkpoints_to_keep: int = Field(2, ge=1)
 
 
@@ -118,7 +129,8 @@ class TuneConfig(_Section):
 
 class Config(_Section):
     seed: int = 0
-    run_name: str | None = None
+    # also the Ray Train folder name and the key a rerun resumes by: letters, digits, . _ -
+    run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=200)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -127,6 +139,21 @@ class Config(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @model_validator(mode="after")
+    def _sync_batchnorm_needs_gpus(self) -> "Config":
+        if self.model.sync_batchnorm and not self.ray.use_gpu:
+            raise ValueError("model.sync_batchnorm needs ray.use_gpu=true (SyncBatchNorm runs on GPUs only)")
+        return self
+
+    def global_batch(self) -> int:
+        """Images per optimizer step across all workers."""
+        return self.data.batch_size * self.ray.num_workers
+
+    def effective_lr(self) -> float:
+        """train.lr scaled by the linear rule to the global batch (see TrainConfig)."""
+        reference = self.train.lr_reference_batch or self.data.batch_size
+        return self.train.lr * self.global_batch() / reference
 
 
 def _field_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -144,6 +171,8 @@ def _describe_errors(errors: list[dict[str, Any]], source: str) -> str:
 
 def _describe_error(error: dict[str, Any], source: str) -> str:
     key = ".".join(str(part) for part in error["loc"])
+    if not key:  # a rule across sections (model validator): its message names the keys
+        return f"{source}: {error['msg'].removeprefix('Value error, ')}"
     if error["type"] == "extra_forbidden":
         section = _section_at(tuple(error["loc"][:-1]))
         allowed = ", ".join(sorted(section.model_fields)) if section else "see configs/demo.yaml"

@@ -4,7 +4,8 @@
     ray job submit --working-dir . -- python -m ray_jobs.train --config configs/demo.yaml
 
 Without a cluster address (ray.address, RAY_ADDRESS) it runs on a private local Ray instance:
-the single-GPU or CPU mode.
+the single-GPU or CPU mode. Rerunning with the run_name of an unfinished run (stopped, crashed, or
+failed after losing nodes) resumes it: the latest checkpoint and the same MLflow run.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from instseg.config import Config
 from instseg.tracking.runs import resolve_tracking_uri
 from ray_jobs.cli_common import config_parser, load_config, run_cli
 from ray_jobs.runtime import init_ray
-from ray_jobs.trainer import TrainSummary, build_trainer, create_driver_run, fit_and_log, preflight_data
+from ray_jobs.trainer import TrainSummary, build_trainer, fit_and_log, open_train_run, preflight_data
 
 
 def run_training(cfg: Config) -> TrainSummary:
@@ -27,8 +28,8 @@ def run_training(cfg: Config) -> TrainSummary:
     init_ray(cfg.ray.address)
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     name = cfg.run_name or time.strftime("train-%Y%m%d-%H%M%S")
-    run_id = create_driver_run(cfg, tracking_uri, name, kind="train")
-    print(f"MLflow run {run_id} ({tracking_uri})", flush=True)
+    run_id, resumed = open_train_run(cfg, tracking_uri, name)
+    print(f"{'resuming' if resumed else 'started'} MLflow run {run_id} '{name}' ({tracking_uri})", flush=True)
     trainer = build_trainer(cfg, tracking_uri=tracking_uri, run_id=run_id, name=name)
     return fit_and_log(trainer, tracking_uri, run_id)
 

@@ -1,10 +1,10 @@
 """The Ray Train worker loop: the one training loop that plain training and every Tune trial run.
 
-Per epoch: train (all five Mask R-CNN losses, averaged across ranks), COCO-evaluate the
-validation split on rank 0 and share the result, compute FITNESS, then exactly one
-`ray.train.report` with a checkpoint from rank 0 (each report blocks ~2 s in Train V2:
-never report per step). Rank 0 also logs params, per-epoch metrics and the config to the MLflow
-run whose id the driver passed down.
+Per epoch: train (all five Mask R-CNN losses, averaged across ranks), predict the validation split
+in shards and COCO-evaluate the gathered predictions on rank 0, share the result, compute FITNESS,
+then exactly one `ray.train.report` with a checkpoint from rank 0. Rank 0 logs params, config,
+tags and plots to the MLflow run whose id the driver passed down; the per-epoch metrics are logged
+by the controller when it accepts the report (ray_jobs.epoch_logger).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch.distributed as dist
 from instseg.config import Config, flatten
 from instseg.data.loaders import build_datasets, build_loader, group_by_aspect_ratio
 from instseg.engine.checkpoint import load_checkpoint, save_checkpoint
+from instseg.engine.precision import apply_backend_flags, resolve_precision
 from instseg.engine.early_stopping import EarlyStopping
 from instseg.engine.distributed import evaluate_sharded
 from instseg.engine.loops import train_one_epoch, validation_loss
@@ -36,6 +37,7 @@ from instseg.tracking.runs import RunLogger
 
 PLOTTED_IMAGES = 8  # validation images in the predictions grid
 OVERLAY_SCORE = 0.25  # detections drawn on them: Ultralytics' plotting threshold
+RESUMED_TAG = "instseg.resumed_from_epochs"  # every checkpoint epoch the run restarted from, in order
 
 
 def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -57,28 +59,40 @@ def _from_rank_zero(value: Any) -> Any:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """loop_config: {"config": Config.model_dump(), "tracking_uri": str, "run_id": str}."""
+    """loop_config: {"config": Config.model_dump(), "tracking_uri": str, "run_id": str}.
+
+    Restarted by Ray Train after a worker or node failure (and by a rerun of the same run name), it
+    continues from the latest checkpoint: weights, optimizer, LR schedule, fp16 scaler, epoch and
+    early-stopping state. Per-epoch metrics reach MLflow through ray_jobs.epoch_logger, in step with
+    the checkpoints."""
     cfg = Config.model_validate(loop_config["config"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.seed + rank)
+    apply_backend_flags(cfg.train)
 
     train_set, val_set = build_datasets(cfg.data)
     label_map = train_set.label_map
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(build_model(cfg.model, label_map.num_classes))
+    model = build_model(cfg.model, label_map.num_classes)
+    if cfg.model.sync_batchnorm and world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
     core = getattr(model, "module", model)  # unwrapped for eval and state dicts
     train_loader = ray.train.torch.prepare_data_loader(
         build_loader(train_set, cfg.data, shuffle=True, seed=cfg.seed), move_to_device=False
     )
     if cfg.data.aspect_ratio_grouping:
-        train_loader = group_by_aspect_ratio(train_loader, train_set, cfg.data.batch_size)
-    optimizer = build_optimizer(core, cfg.train)
+        train_loader = group_by_aspect_ratio(train_loader, train_set, cfg.data)
+    optimizer = build_optimizer(core, cfg.train, lr=cfg.effective_lr())
     scheduler = build_scheduler(optimizer, cfg.train, len(train_loader))
+    precision = resolve_precision(cfg.train.amp, device, warn=lambda line: print(line, flush=True) if rank == 0 else None)
+    stopper = EarlyStopping(cfg.train.patience, cfg.train.min_delta)
+    logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
 
     start_epoch = 0
-    stopper = EarlyStopping(cfg.train.patience, cfg.train.min_delta)
-    last_curves = None
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
@@ -86,36 +100,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"])
+        precision.load_scaler_state(state.get("scaler", {}))
         stopper.load_state_dict(state.get("early_stopping", {}))
+        start_epoch = int(state["epoch"])
+        if logger is not None:
+            _record_resume(logger, state)
+    elif logger is not None:
+        _log_run_setup(logger, cfg, world_size, label_map, train_set, val_set)
 
-    logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
-    if logger is not None and start_epoch == 0:
-        logger.log_params({**flatten(cfg), "ray.world_size": world_size})
-        logger.log_dict(cfg.model_dump(), "config.yaml")
-        logger.log_dict(label_map.to_dict(), "label_map.json")
-        skipped = {f"data/skipped_{split}_{kind}": n for split, ds in (("train", train_set), ("val", val_set)) for kind, n in ds.skipped.items()}
-        if skipped:
-            print(f"data.on_invalid=skip dropped: {skipped}", flush=True)
-            logger.log_metrics(skipped, step=0)
     val_loader = build_loader(val_set, cfg.data, shuffle=False)
     evaluator = CocoEvaluator(val_set.coco, label_map)
-
     for epoch in range(start_epoch, cfg.train.epochs):
         started = time.perf_counter()
         sampler = train_loader.batch_sampler if cfg.data.aspect_ratio_grouping else train_loader.sampler
-        if world_size > 1 and hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every rank
         progress = (lambda line: print(f"[epoch {epoch + 1}] {line}", flush=True)) if rank == 0 else None
         train_metrics = _mean_across_ranks(
-            train_one_epoch(model, optimizer, train_loader, device, scheduler, cfg.train.log_every, progress)
+            train_one_epoch(model, optimizer, train_loader, device, scheduler, cfg.train.log_every, progress,
+                            precision=precision, grad_clip_norm=cfg.train.grad_clip_norm)
         )
-        # every rank predicts its shard of the validation set; rank 0 gathers them and computes
-        coco_metrics = evaluate_sharded(core, val_set, cfg.data, device, evaluator)
-        if rank == 0:
-            curve_values, last_curves = _curve_metrics(val_set, evaluator)
-            val_metrics = {**coco_metrics, **curve_values, **validation_loss(core, val_loader, device)}
-        val_metrics = _from_rank_zero(val_metrics if rank == 0 else None)
+        val_metrics, curves = validate(core, val_set, val_loader, cfg, device, evaluator)
         fit = fitness(val_metrics, cfg.metrics.fitness_weights)
         stop = stopper.step(fit, epoch + 1)  # the same on every rank: metrics come from rank 0
         metrics = {
@@ -127,16 +132,69 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             EARLY_STOPPED: float(stop),
             FITNESS: fit,
         }
-        if logger is None:
-            ray.train.report(metrics)
-        else:
-            _log_epoch(logger, metrics, cfg, epoch + 1)
-            if stop or epoch + 1 == cfg.train.epochs:
+        last = stop or epoch + 1 == cfg.train.epochs
+        if logger is not None:
+            _print_epoch(metrics, cfg, epoch + 1)
+            if last:
                 # before the last report: under Tune that report ends the trial and its workers
-                _log_plots(logger, last_curves, label_map, val_set, evaluator)
-            _checkpoint_and_report(logger, metrics, cfg, stopper, core, optimizer, scheduler, label_map, epoch + 1)
+                _log_plots(logger, metrics, curves, label_map, val_set, evaluator)
+            if stop:
+                print(f"early stopping: {stopper.reason}", flush=True)
+                logger.set_tags({"instseg.early_stopped": "true", "instseg.stop_reason": stopper.reason, "instseg.stopped_epoch": epoch + 1})
+        state = {
+            "model": core, "optimizer": optimizer, "scheduler": scheduler, "epoch": epoch + 1, "config": cfg.model_dump(),
+            "label_map": label_map.to_dict(), "metrics": metrics, "early_stopping": stopper.state_dict(),
+            "scaler": precision.scaler_state(),
+        }
+        report_epoch(metrics, state if rank == 0 else None, epoch + 1)
         if stop:
             break
+
+
+def report_epoch(metrics: dict[str, float], checkpoint_state: dict[str, Any] | None, epoch: int) -> None:
+    """THE one ray.train.report of an epoch (each blocks ~2 s in Train V2: never per step); rank 0
+    attaches the checkpoint, the other ranks report the same metrics without one."""
+    if checkpoint_state is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="instseg-ckpt-") as folder:
+        save_checkpoint(Path(folder), **checkpoint_state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+
+def validate(core: torch.nn.Module, val_set: Any, val_loader: Any, cfg: Config, device: torch.device,
+             evaluator: CocoEvaluator) -> tuple[dict[str, float], Any]:
+    """Validation metrics on every rank (computed on rank 0): COCO stats of the gathered shard
+    predictions, mask P / R / F1 / Dice, validation losses; plus rank 0's curves (None elsewhere)."""
+    # every rank predicts its shard of the validation set; rank 0 gathers them and computes
+    coco_metrics = evaluate_sharded(core, val_set, cfg.data, device, evaluator)
+    val_metrics, curves = None, None
+    if coco_metrics is not None:
+        curve_values, curves = _curve_metrics(val_set, evaluator)
+        val_metrics = {**coco_metrics, **curve_values, **validation_loss(core, val_loader, device)}
+    return _from_rank_zero(val_metrics), curves
+
+
+def _log_run_setup(logger: RunLogger, cfg: Config, world_size: int, label_map: Any, train_set: Any, val_set: Any) -> None:
+    """Rank 0 of a fresh run: params (with the world size and the scaled LR), config, classes, skips."""
+    logger.log_params({**flatten(cfg), "ray.world_size": world_size, "train.global_batch": cfg.global_batch(),
+                       "train.effective_lr": cfg.effective_lr()})
+    logger.log_dict(cfg.model_dump(), "config.yaml")
+    logger.log_dict(label_map.to_dict(), "label_map.json")
+    skipped = {f"data/skipped_{split}_{kind}": n for split, ds in (("train", train_set), ("val", val_set)) for kind, n in ds.skipped.items()}
+    if skipped:
+        print(f"data.on_invalid=skip dropped: {skipped}", flush=True)
+        logger.log_metrics(skipped, step=0)
+
+
+def _record_resume(logger: RunLogger, state: dict[str, Any]) -> None:
+    """Rank 0 after a restore: tag the run, and log the checkpoint's epoch if MLflow lacks it (the
+    controller died between registering the checkpoint and logging it), so history has no gap."""
+    epoch = int(state["epoch"])
+    if epoch not in logger.logged_steps(FITNESS):
+        logger.log_metrics(state["metrics"], step=epoch)
+    logger.append_tag(RESUMED_TAG, epoch)
+    print(f"resumed from the checkpoint of epoch {epoch}", flush=True)
 
 
 def _curve_metrics(val_set: Any, evaluator: CocoEvaluator) -> tuple[dict[str, float], tuple[Any, Any]]:
@@ -145,10 +203,15 @@ def _curve_metrics(val_set: Any, evaluator: CocoEvaluator) -> tuple[dict[str, fl
     return values, (curves, matrix)
 
 
-def _log_plots(logger: RunLogger, curves_and_matrix: tuple[Any, Any], label_map: Any, val_set: Any, evaluator: CocoEvaluator) -> None:
+def _log_plots(logger: RunLogger, metrics: dict[str, float], curves_and_matrix: tuple[Any, Any], label_map: Any,
+               val_set: Any, evaluator: CocoEvaluator) -> None:
     """Rank 0, at the last epoch: confusion matrix, curves, loss curves and validation overlays to MLflow."""
     curves, matrix = curves_and_matrix
-    history = {key: logger.history(key) for key in ("train/loss", "val/loss", *(f"train/{k}" for k in TRAIN_LOSS_KEYS))}
+    epoch = int(metrics[EPOCH])
+    history = {}
+    for key in ("train/loss", "val/loss", *(f"train/{k}" for k in TRAIN_LOSS_KEYS)):
+        # this epoch's values reach MLflow with its report, after the plots
+        history[key] = sorted([(step, value) for step, value in logger.history(key) if step < epoch] + [(epoch, metrics[key])])
     samples = []
     for index in range(min(PLOTTED_IMAGES, len(val_set))):
         image, target = val_set[index]
@@ -158,32 +221,10 @@ def _log_plots(logger: RunLogger, curves_and_matrix: tuple[Any, Any], label_map:
             logger.log_artifact(path, "plots")
 
 
-def _log_epoch(logger: RunLogger, metrics: dict[str, float], cfg: Config, epoch: int) -> None:
-    """Rank 0: the epoch's metrics to MLflow and a progress line."""
-    logger.log_metrics(metrics, step=epoch)
+def _print_epoch(metrics: dict[str, float], cfg: Config, epoch: int) -> None:
+    """Rank 0: one progress line per epoch."""
     print(
         f"epoch {epoch}/{cfg.train.epochs}: train/loss {metrics['train/loss']:.4f} val/loss {metrics['val/loss']:.4f} "
         f"val/segm_map {metrics['val/segm_map']:.4f} {FITNESS} {metrics[FITNESS]:.4f} ({metrics['train/epoch_time_s']:.1f} s)",
         flush=True,
     )
-
-
-def _checkpoint_and_report(logger: RunLogger, metrics: dict[str, float], cfg: Config, stopper: EarlyStopping, model: torch.nn.Module,
-                           optimizer: torch.optim.Optimizer, scheduler: Any, label_map: Any, epoch: int) -> None:
-    """Rank 0: the checkpoint with the one report of the epoch, and why training stops when it does."""
-    with tempfile.TemporaryDirectory(prefix="instseg-ckpt-") as folder:
-        save_checkpoint(
-            Path(folder),
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            epoch=epoch,
-            config=cfg.model_dump(),
-            label_map=label_map.to_dict(),
-            metrics=metrics,
-            early_stopping=stopper.state_dict(),
-        )
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=f"epoch_{epoch:04d}")
-    if metrics[EARLY_STOPPED]:
-        print(f"early stopping: {stopper.reason}", flush=True)
-        logger.set_tags({"instseg.early_stopped": "true", "instseg.stop_reason": stopper.reason, "instseg.stopped_epoch": epoch})

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
@@ -14,11 +15,14 @@ from instseg.config import Config
 from instseg.data.coco import dataset_fingerprint
 from instseg.data.loaders import build_datasets
 from instseg.metrics.names import FITNESS, FITNESS_MODE
+from instseg.errors import ConfigError, InstsegError
 from instseg.models.bundle import bundle_from_checkpoint
-from instseg.tracking.runs import RunLogger, create_run
+from instseg.tracking.runs import RunLogger, create_run, find_run
+from ray_jobs.epoch_logger import EpochMetricsLogger
 from ray_jobs.train_loop import train_loop_per_worker
 
 BUNDLE_ARTIFACT_PATH = "bundle"
+FINGERPRINT_TAG = "instseg.dataset_fingerprint"
 # Train V2 routes every worker print() to its logger and also to stdout, which doubles our progress
 # lines and defeats contextlib.redirect_stdout around pycocotools' chatter: keep print as print.
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
@@ -46,17 +50,53 @@ def preflight_data(cfg: Config) -> None:
 
 def create_driver_run(cfg: Config, tracking_uri: str, name: str, kind: str) -> str:
     """The MLflow run a driver (train entry point, tuning study) owns, tagged with its data."""
-    splits = (cfg.data.train_split, cfg.data.val_split)
     return create_run(
-        tracking_uri,
-        cfg.tracking.experiment,
-        run_name=name,
-        tags={"instseg.kind": kind, "instseg.dataset_fingerprint": dataset_fingerprint(cfg.data.root, splits)},
+        tracking_uri, cfg.tracking.experiment, run_name=name, tags={"instseg.kind": kind, FINGERPRINT_TAG: _fingerprint(cfg)}
     )
 
 
+def _fingerprint(cfg: Config) -> str:
+    return dataset_fingerprint(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
+
+
+def checkpoint_folders(cfg: Config, name: str) -> list[Path]:
+    """The epoch checkpoints Ray Train keeps for run `name` (local storage only; [] for URIs)."""
+    if "://" in cfg.ray.storage_path:
+        return []
+    return sorted(Path(cfg.ray.storage_path, name).glob("epoch_*"))
+
+
+def open_train_run(cfg: Config, tracking_uri: str, name: str) -> tuple[str, bool]:
+    """(run id, resumed): a new MLflow run, or, when cfg.run_name names an unfinished training run,
+    that run, reopened. Ray Train restores the latest checkpoint of the same name by itself, and
+    the loop continues the run's history from there (ray_jobs.train_loop)."""
+    existing = find_run(tracking_uri, cfg.tracking.experiment, name, kind="train") if cfg.run_name else None
+    if existing is None:
+        return create_driver_run(cfg, tracking_uri, name, kind="train"), False
+    run_id = existing.info.run_id
+    if existing.info.status == "FINISHED":
+        raise ConfigError(f"run_name '{name}' already finished (MLflow run {run_id}): choose a new run_name to train again")
+    if existing.data.tags.get(FINGERPRINT_TAG) not in (None, _fingerprint(cfg)):
+        raise ConfigError(
+            f"run_name '{name}' (MLflow run {run_id}) was trained on other data than {cfg.data.root} has now: "
+            "choose a new run_name"
+        )
+    logger = RunLogger(tracking_uri, run_id)
+    logged = logger.logged_steps(FITNESS)
+    if logged and "://" not in cfg.ray.storage_path and not checkpoint_folders(cfg, name):
+        raise ConfigError(
+            f"run_name '{name}' has {max(logged)} epoch(s) in MLflow run {run_id} but no checkpoint under "
+            f"{Path(cfg.ray.storage_path, name)}: it cannot resume without repeating logged epochs; choose a new run_name"
+        )
+    logger.reopen()
+    return run_id, True
+
+
 def build_trainer(cfg: Config, *, tracking_uri: str, run_id: str, name: str, callbacks: list | None = None) -> TorchTrainer:
-    """cfg must have absolute paths (config.resolve_paths): workers run in another directory."""
+    """cfg must have absolute paths (config.resolve_paths): workers run in another directory.
+
+    The same `name` and storage path restore the latest checkpoint (Ray Train's run snapshot);
+    `callbacks` run after the per-epoch MLflow logger (ray_jobs.epoch_logger)."""
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(), "tracking_uri": tracking_uri, "run_id": run_id},
@@ -68,13 +108,15 @@ def build_trainer(cfg: Config, *, tracking_uri: str, run_id: str, name: str, cal
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=cfg.ray.storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.ray.max_failures, controller_failure_limit=cfg.ray.max_startup_failures
+            ),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.ray.checkpoints_to_keep,
                 checkpoint_score_attribute=FITNESS,
                 checkpoint_score_order=FITNESS_MODE,
             ),
-            callbacks=callbacks or [],
+            callbacks=[EpochMetricsLogger(tracking_uri, run_id), *(callbacks or [])],
             worker_runtime_env={"env_vars": WORKER_ENV},
         ),
     )
@@ -91,10 +133,23 @@ def log_checkpoint_bundle(logger: RunLogger, checkpoint: ray.train.Checkpoint) -
 
 
 def fit_and_log(trainer: TorchTrainer, tracking_uri: str, run_id: str) -> TrainSummary:
-    """Run `trainer`; log the best checkpoint's bundle and close the MLflow run with the outcome."""
+    """Run `trainer`; log the best checkpoint's bundle and close the MLflow run with the outcome.
+
+    Ctrl-C leaves the run KILLED (a rerun with the same run_name resumes it); a failure caused by lost
+    nodes becomes TrainingFailed naming them; any other failure propagates with the run FAILED."""
     logger = RunLogger(tracking_uri, run_id)
+    nodes_before = alive_nodes()
     try:
         result = trainer.fit()
+    except KeyboardInterrupt:
+        logger.finish("KILLED")
+        raise
+    except ray.train.TrainingFailedError as exc:
+        logger.finish("FAILED")
+        lost = {node_id: address for node_id, address in nodes_before.items() if node_id not in alive_nodes()}
+        if lost:
+            raise TrainingFailed(describe_node_loss(trainer, lost, exc)) from exc
+        raise
     except BaseException:
         logger.finish("FAILED")
         raise
@@ -108,4 +163,29 @@ def fit_and_log(trainer: TorchTrainer, tracking_uri: str, run_id: str) -> TrainS
         checkpoint_path=best.path if best else None,
         metrics=dict(result.metrics or {}),
         bundle_uri=bundle_uri,
+    )
+
+
+class TrainingFailed(InstsegError):
+    """A run that Ray Train gave up on for a reason outside the code (lost nodes)."""
+
+    exit_code = 1
+
+
+def alive_nodes() -> dict[str, str]:
+    """Node id -> address of the cluster's live nodes."""
+    return {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}
+
+
+def describe_node_loss(trainer: TorchTrainer, lost: dict[str, str], error: BaseException) -> str:
+    """One line: which nodes went, what the run needs to restart, and how to resume it."""
+    scaling, run = trainer.scaling_config, trainer.run_config
+    nodes = ", ".join(f"{node_id} ({address})" for node_id, address in lost.items())
+    need = f"{scaling.num_workers} worker(s) with {'1 GPU' if scaling.use_gpu else scaling.resources_per_worker}"
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"training run '{run.name}' failed after losing node(s) {nodes}: the cluster could not restart "
+        f"{need} (ray.max_failures={run.failure_config.max_failures}, "
+        f"ray.max_startup_failures={run.failure_config.controller_failure_limit}). Once nodes are back, "
+        f"rerun with run_name={run.name} to resume from its latest checkpoint. Ray said: {cause}"
     )

@@ -25,29 +25,26 @@ def build_datasets(data: DataConfig) -> tuple[CocoInstanceDataset, CocoInstanceD
     return train, val
 
 
+def loader_options(data: DataConfig) -> dict:
+    """Worker processes, collate and transfer settings every loader of a run shares. Pinned memory only
+    helps (and only exists) with a GPU; persistent workers only with worker processes."""
+    return {
+        "num_workers": data.num_workers,
+        "collate_fn": collate,
+        "pin_memory": data.pin_memory and torch.cuda.is_available(),
+        "persistent_workers": data.persistent_workers and data.num_workers > 0,
+    }
+
+
 def build_loader(dataset: CocoInstanceDataset, data: DataConfig, shuffle: bool, seed: int = 0) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=data.batch_size,
-        shuffle=shuffle,
-        num_workers=data.num_workers,
-        collate_fn=collate,
-        generator=generator,
-        persistent_workers=data.num_workers > 0,
-    )
+    return DataLoader(dataset, batch_size=data.batch_size, shuffle=shuffle, generator=generator, **loader_options(data))
 
 
 def shard_loader(dataset: CocoInstanceDataset, data: DataConfig, rank: int, world_size: int) -> DataLoader:
     """Rank `rank`'s share of `dataset` for evaluation: every world_size-th image, no padding (a
     DistributedSampler repeats images to even out shards, which would count them twice)."""
-    return DataLoader(
-        Subset(dataset, range(rank, len(dataset), world_size)),
-        batch_size=data.batch_size,
-        shuffle=False,
-        num_workers=data.num_workers,
-        collate_fn=collate,
-    )
+    return DataLoader(Subset(dataset, range(rank, len(dataset), world_size)), batch_size=data.batch_size, **loader_options(data))
 
 
 class AspectRatioBatchSampler(Sampler[list[int]]):
@@ -81,13 +78,8 @@ class AspectRatioBatchSampler(Sampler[list[int]]):
             self.sampler.set_epoch(epoch)
 
 
-def group_by_aspect_ratio(loader: DataLoader, dataset: CocoInstanceDataset, batch_size: int) -> DataLoader:
+def group_by_aspect_ratio(loader: DataLoader, dataset: CocoInstanceDataset, data: DataConfig) -> DataLoader:
     """The same loader (its sampler kept, e.g. the DistributedSampler Ray Train added) with batches grouped."""
     landscape = [dataset.coco.imgs[i]["width"] >= dataset.coco.imgs[i]["height"] for i in dataset.image_ids]
-    return DataLoader(
-        dataset,
-        batch_sampler=AspectRatioBatchSampler(loader.sampler, landscape, batch_size),
-        num_workers=loader.num_workers,
-        collate_fn=collate,
-        persistent_workers=loader.num_workers > 0,
-    )
+    sampler = AspectRatioBatchSampler(loader.sampler, landscape, data.batch_size)
+    return DataLoader(dataset, batch_sampler=sampler, **loader_options(data))

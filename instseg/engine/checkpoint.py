@@ -36,8 +36,10 @@ def save_checkpoint(
     label_map: dict[str, Any],
     metrics: dict[str, float],
     early_stopping: dict[str, Any] | None = None,
+    scaler: dict[str, Any] | None = None,
 ) -> Path:
-    """`epoch` is the number of completed epochs; config is Config.model_dump()."""
+    """Everything a resumed run needs: `epoch` is the number of completed epochs, config is
+    Config.model_dump(), label_map LabelMap.to_dict(), metrics the epoch's reported metrics."""
     path = folder / CHECKPOINT_FILE
     atomic_torch_save(
         {
@@ -49,6 +51,7 @@ def save_checkpoint(
             "label_map": label_map,
             "metrics": metrics,
             "early_stopping": early_stopping or {},
+            "scaler": scaler or {},  # fp16 GradScaler state ({} without fp16)
         },
         path,
     )

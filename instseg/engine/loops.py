@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from instseg.engine.precision import Precision
 from instseg.errors import InstsegError
 from instseg.metrics.coco_eval import CocoEvaluator
 from instseg.metrics.names import TRAIN_LOSS, TRAIN_LOSS_KEYS, train_key
@@ -39,26 +40,42 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     log_every: int = 10,
     progress: ProgressFn | None = None,
+    precision: Precision | None = None,
+    grad_clip_norm: float = 0.0,
 ) -> dict[str, float]:
     """One pass over `loader`; returns this process's mean of each Mask R-CNN loss and their sum.
 
-    `scheduler` steps per iteration (warm-up + per-iteration decay)."""
+    `scheduler` steps per iteration (warm-up + per-iteration decay); `precision` sets autocast and the
+    fp16 loss scaler; `grad_clip_norm` > 0 clips the global gradient norm (after unscaling)."""
+    precision = precision or Precision(device.type)
+    scaler = precision.scaler
     model.train()
     sums = dict.fromkeys((*TRAIN_LOSS_KEYS, "loss"), 0.0)  # plus any extra term (loss_mask_dice)
     steps = 0
     start = time.perf_counter()
     for images, targets in loader:
         images, targets = _to_device(images, targets, device)
-        loss_dict = model(images, targets)
-        loss = sum(loss_dict.values())
+        with precision.autocast():
+            loss_dict = model(images, targets)
+        loss = sum(loss.float() for loss in loss_dict.values())
         if not math.isfinite(loss.item()):
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at step {steps} "
                 f"({ {k: round(v.item(), 4) for k, v in loss_dict.items()} }): lower train.lr or check the data"
             )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if grad_clip_norm > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if grad_clip_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+            optimizer.step()
         if scheduler is not None:
             scheduler.step()
         for key, value in loss_dict.items():

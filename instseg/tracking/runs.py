@@ -105,6 +105,33 @@ class RunLogger:
     def history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
 
+    def logged_steps(self, key: str) -> set[int]:
+        return {step for step, _ in self.history(key)}
+
+    def reopen(self) -> None:
+        """Mark a stopped or crashed run RUNNING again (a resumed run continues it)."""
+        self.client.update_run(self.run_id, status="RUNNING")
+
+    def append_tag(self, key: str, value: Any) -> None:
+        """Add `value` to a comma-separated tag (e.g. every epoch a run was resumed from)."""
+        current = self.client.get_run(self.run_id).data.tags.get(key)
+        self.client.set_tag(self.run_id, key, f"{current},{value}" if current else str(value))
+
+
+def find_run(tracking_uri: str, experiment: str, run_name: str, kind: str) -> Any | None:
+    """The newest run of `kind` named `run_name` in `experiment`, or None."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`{MLFLOW_RUN_NAME}` = '{run_name}' and tags.`instseg.kind` = '{kind}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
 
 def child_runs(tracking_uri: str, parent_run_id: str) -> list[Any]:
     client = MlflowClient(tracking_uri)
