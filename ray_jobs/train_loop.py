@@ -38,6 +38,7 @@ from instseg.tracking.runs import RunLogger
 PLOTTED_IMAGES = 8  # validation images in the predictions grid
 OVERLAY_SCORE = 0.25  # detections drawn on them: Ultralytics' plotting threshold
 RESUMED_TAG = "instseg.resumed_from_epochs"  # every checkpoint epoch the run restarted from, in order
+NODES_TAG = "instseg.worker_nodes"  # Ray node id of each rank, in rank order, at the latest (re)start
 
 
 def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -48,6 +49,14 @@ def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
     dist.all_reduce(tensor)
     tensor /= dist.get_world_size()
     return dict(zip(keys, tensor.tolist()))
+
+
+def _gather_to_all(value: Any) -> list[Any]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def _from_rank_zero(value: Any) -> Any:
@@ -91,6 +100,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     precision = resolve_precision(cfg.train.amp, device, warn=lambda line: print(line, flush=True) if rank == 0 else None)
     stopper = EarlyStopping(cfg.train.patience, cfg.train.min_delta)
     logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+
+    # where each rank runs, at every (re)start: which nodes a failure took out is then on record
+    nodes = _gather_to_all(ray.get_runtime_context().get_node_id())
+    if logger is not None:
+        logger.set_tags({NODES_TAG: ",".join(nodes)})
 
     start_epoch = 0
     restored = ray.train.get_checkpoint()

@@ -141,9 +141,11 @@ def fit_and_log(trainer: TorchTrainer, tracking_uri: str, run_id: str) -> TrainS
     nodes_before = alive_nodes()
     try:
         result = trainer.fit()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
+        # Ray Train's Ctrl-C handler aborts the controller and then exits with status 0: an
+        # interrupted run must not look like a success, so it surfaces as an interrupt
         logger.finish("KILLED")
-        raise
+        raise KeyboardInterrupt from None
     except ray.train.TrainingFailedError as exc:
         logger.finish("FAILED")
         lost = {node_id: address for node_id, address in nodes_before.items() if node_id not in alive_nodes()}

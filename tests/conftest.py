@@ -13,6 +13,9 @@ from instseg.config import Config, load, resolve_paths
 from instseg.data.synth import synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
+# Ray binds and dials the machine's own interface address unless this is "0" (its single-machine mode,
+# read at import): then every node, driver and connection of the tests stays on 127.0.0.1
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 # the CPU preset at test size: ~0.15 s per image per step on 2 cores
 TINY = [
@@ -32,17 +35,19 @@ def shared_dir() -> Path:
     return Path(os.environ.get("INSTSEG_SHARED", ROOT.parent / "shared"))
 
 
-_ISOLATED_ENV = {"HOME", "RAY_AUTH_MODE", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"}
+_ISOLATED_ENV = {"HOME", "RAY_AUTH_MODE", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "MLFLOW_TRACKING_URI", "RAY_ADDRESS",
+                 LOOPBACK_ONLY}
 _saved_env: dict[str, str | None] = {}
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """Before any test module imports ray (which caches RAY_AUTH_MODE at import): HOME, so Ray's
-    auth token and Prefect's home, in a temp dir; Ray token auth on, as on new clusters."""
+    auth token and Prefect's home, in a temp dir; Ray token auth on, as on new clusters; Ray on loopback."""
     home = Path(tempfile.mkdtemp(prefix="instseg-test-home-"))
     _saved_env.update({key: os.environ.get(key) for key in _ISOLATED_ENV})
     os.environ.update(
-        {"HOME": str(home), "RAY_AUTH_MODE": "token", "PREFECT_HOME": str(home / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        {"HOME": str(home), "RAY_AUTH_MODE": "token", "PREFECT_HOME": str(home / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+         LOOPBACK_ONLY: "0"}
     )
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("RAY_ADDRESS", None)

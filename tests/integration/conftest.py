@@ -1,14 +1,28 @@
-"""One private local Ray instance for the integration tests (2 CPUs, token auth)."""
+"""Ray for the integration tests: a private local instance (2 CPUs, token auth), and the token that
+clusters started by hand (multi-node, job submission) need before their first process starts."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+
+RAY_CLI = str(Path(sys.executable).parent / "ray")
+
+
+def ensure_auth_token() -> str:
+    """The token in $HOME/.ray/auth_token (HOME is a temp dir in tests), created on first use."""
+    done = subprocess.run([RAY_CLI, "get-auth-token", "--generate"], capture_output=True, text=True, check=True)
+    return done.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="session")
 def local_ray():
     import ray
 
-    ray.init(address="local", num_cpus=2, log_to_driver=True)
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, log_to_driver=True)
     yield ray
     ray.shutdown()
