@@ -1,16 +1,28 @@
-"""One real Ray Train run (Train V2, 1 CPU worker) of the tiny model, tracked in a real MLflow store."""
+"""Real Ray Train runs (Train V2, CPU workers) of the tiny model, tracked in a real MLflow store."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow import MlflowClient
 
+import ray.train
+import ray.train.torch
+from ray.train import UserCallback
+from ray.train.torch import TorchTrainer
+
+from instseg.config import Config
+from instseg.data.loaders import build_datasets, build_loader
 from instseg.engine.checkpoint import load_checkpoint
-from instseg.metrics.names import COCO_STAT_NAMES, FITNESS, TRAIN_LOSS_KEYS
+from instseg.metrics.coco_eval import CocoEvaluator
+from instseg.models import build_model
+from instseg.metrics.names import COCO_STAT_NAMES, EPOCH, FITNESS, TRAIN_LOSS_KEYS
 from instseg.models.bundle import load_bundle
 from instseg.tracking.registry import download_bundle
 from ray_jobs.train import run_training
+from ray_jobs.train_loop import NODES_TAG, validate
+from ray_jobs.trainer import WORKER_ENV, build_trainer, create_driver_run, fit_and_log
 
 pytestmark = pytest.mark.integration
 
@@ -52,10 +64,70 @@ def test_train_reports_tracks_checkpoints_and_stops_early(local_ray, tiny_config
     assert meta["metrics"][FITNESS] == pytest.approx(state["metrics"][FITNESS])
 
 
-def test_two_ddp_workers_train_and_share_one_evaluation(local_ray, tiny_config):
-    """2 CPU workers (gloo): distinct shards, losses averaged, validation predictions gathered on rank 0."""
-    cfg = tiny_config("train.epochs=1", "ray.num_workers=2", "run_name=it-ddp")
-    summary = run_training(cfg)
+class ReportRecorder(UserCallback):
+    """Runs in the Train controller: one JSON line per report the workers made (rank 0's metrics)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        with open(self.path, "a") as file:
+            file.write(json.dumps(metrics[0]) + "\n")
+
+    @staticmethod
+    def read(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_ddp_workers_train_and_report_once_per_epoch(local_ray, tiny_config, tmp_path):
+    """2 CPU workers (gloo): distinct shards, losses averaged, validation predictions gathered on rank 0,
+    and exactly one ray.train.report per epoch (each blocks ~2 s in Train V2)."""
+    cfg = tiny_config("train.epochs=2", "ray.num_workers=2", "run_name=it-ddp")
+    reports = tmp_path / "reports.txt"
+    run_id = create_driver_run(cfg, cfg.tracking.uri, "it-ddp", kind="train")
+    trainer = build_trainer(cfg, tracking_uri=cfg.tracking.uri, run_id=run_id, name="it-ddp", callbacks=[ReportRecorder(reports)])
+    summary = fit_and_log(trainer, cfg.tracking.uri, run_id)
+    assert [r[EPOCH] for r in ReportRecorder.read(reports)] == [1, 2], "the loop must report exactly once per epoch"
     run = MlflowClient(summary.tracking_uri).get_run(summary.run_id)
     assert run.info.status == "FINISHED" and run.data.params["ray.world_size"] == "2"
+    assert run.data.params["train.global_batch"] == "8"
+    assert float(run.data.params["train.effective_lr"]) == pytest.approx(2 * cfg.train.lr)  # linear rule, 2 workers
+    assert len(set(run.data.tags[NODES_TAG].split(","))) == 1  # one node, both ranks recorded
     assert FITNESS in run.data.metrics and "val/segm_map" in run.data.metrics
+
+
+def _validate_in_workers(loop_config: dict) -> None:
+    """Ray Train worker: the training loop's validation step on fixed weights, reported by rank 0."""
+    cfg = Config.model_validate(loop_config["config"])
+    train_set, val_set = build_datasets(cfg.data)
+    core = build_model(cfg.model, train_set.label_map.num_classes)  # model.weights: the saved state dict
+    model = ray.train.torch.prepare_model(core)
+    device = ray.train.torch.get_device()
+    evaluator = CocoEvaluator(val_set.coco, train_set.label_map)
+    metrics, _ = validate(getattr(model, "module", model), val_set, build_loader(val_set, cfg.data, shuffle=False), cfg, device, evaluator)
+    ray.train.report({**metrics, "detections": float(len(evaluator.results)) if ray.train.get_context().get_world_rank() == 0 else -1.0})
+
+
+def test_two_workers_report_the_metrics_of_one_on_the_same_weights(local_ray, tiny_config, tmp_path):
+    cfg = tiny_config()
+    train_set, _ = build_datasets(cfg.data)
+    torch.manual_seed(0)
+    weights = tmp_path / "weights.pt"
+    torch.save(build_model(cfg.model, train_set.label_map.num_classes).state_dict(), weights)
+    cfg = tiny_config(f"model.weights={weights}")
+    results = {}
+    for workers in (1, 2):
+        reports = tmp_path / f"reports-{workers}.jsonl"
+        trainer = TorchTrainer(
+            _validate_in_workers,
+            train_loop_config={"config": cfg.model_dump()},
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.9}),
+            run_config=ray.train.RunConfig(name=f"validate-{workers}", storage_path=str(tmp_path / "ray_results"),
+                                           worker_runtime_env={"env_vars": WORKER_ENV}, callbacks=[ReportRecorder(reports)]),
+        )
+        trainer.fit()
+        (results[workers],) = ReportRecorder.read(reports)
+    one, two = results[1], results[2]
+    assert one["val/bbox_mar100"] > 0 and one["detections"] > 0, "the model must detect something for the comparison to mean anything"
+    assert one.keys() == two.keys()
+    assert {k: two[k] for k in one} == pytest.approx(one, abs=1e-9)
