@@ -10,15 +10,16 @@ failed after losing nodes) resumes it: the latest checkpoint and the same MLflow
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import Sequence
 
 from instseg.config import Config
+from instseg.metrics.names import FITNESS
 from instseg.tracking.runs import resolve_tracking_uri
 from ray_jobs.cli_common import config_parser, load_config, run_cli
 from ray_jobs.runtime import init_ray
+from ray_jobs.submit import print_result
 from ray_jobs.trainer import TrainSummary, build_trainer, fit_and_log, open_train_run, preflight_data
 
 
@@ -37,7 +38,9 @@ def run_training(cfg: Config) -> TrainSummary:
 def main(argv: Sequence[str] | None = None) -> int:
     args = config_parser("python -m ray_jobs.train", "Train Mask R-CNN on Ray Train").parse_args(argv)
     summary = run_training(load_config(args))
-    print(json.dumps(summary.to_dict(), indent=2, default=str))
+    fit = summary.metrics.get(FITNESS)
+    print(f"run {summary.run_id} finished: {FITNESS} {fit if fit is None else round(fit, 5)}, model bundle {summary.bundle_uri}")
+    print_result(summary.to_dict())
     return 0
 
 

@@ -30,6 +30,7 @@ from instseg.metrics.names import EARLY_STOPPED, EPOCH, FITNESS, FITNESS_MODE
 from instseg.tracking.runs import RunLogger, child_runs, create_run, resolve_tracking_uri
 from ray_jobs.cli_common import config_parser, load_config, run_cli
 from ray_jobs.runtime import init_ray
+from ray_jobs.submit import print_result
 from ray_jobs.trainer import build_trainer, create_driver_run, fit_and_log, log_checkpoint_bundle, preflight_data
 from tuning.search_space import build_param_space
 
@@ -249,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = run_tuning(load_config(args))
     print(format_trials(summary))
     print(f"best trial {summary.best_trial_id}: {FITNESS} {summary.best_fitness:.5f}, model bundle {summary.best_bundle_uri}")
+    print_result(summary.to_dict())
     return 0
 
 
