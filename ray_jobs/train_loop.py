@@ -90,9 +90,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     core = getattr(model, "module", model)  # unwrapped for eval and state dicts
-    train_loader = ray.train.torch.prepare_data_loader(
-        build_loader(train_set, cfg.data, shuffle=True, seed=cfg.seed), move_to_device=False
-    )
+    # each rank its own shard (DistributedSampler, reshuffled per epoch by set_epoch below); batches
+    # stay on the host until train_one_epoch moves them, uint8, to the device
+    train_loader = build_loader(train_set, cfg.data, shuffle=True, seed=cfg.seed, rank=rank, world_size=world_size)
     if cfg.data.aspect_ratio_grouping:
         train_loader = group_by_aspect_ratio(train_loader, train_set, cfg.data)
     optimizer = build_optimizer(core, cfg.train, lr=cfg.effective_lr())
@@ -192,7 +192,7 @@ def validate(core: torch.nn.Module, val_set: Any, val_loader: Any, cfg: Config, 
 def _log_run_setup(logger: RunLogger, cfg: Config, world_size: int, label_map: Any, train_set: Any, val_set: Any) -> None:
     """Rank 0 of a fresh run: params (with the world size and the scaled LR), config, classes, skips."""
     logger.log_params({**flatten(cfg), "ray.world_size": world_size, "train.global_batch": cfg.global_batch(),
-                       "train.effective_lr": cfg.effective_lr()})
+                       "train.effective_lr": cfg.effective_lr(), "torch.num_threads": torch.get_num_threads()})
     logger.log_dict(cfg.model_dump(), "config.yaml")
     logger.log_dict(label_map.to_dict(), "label_map.json")
     skipped = {f"data/skipped_{split}_{kind}": n for split, ds in (("train", train_set), ("val", val_set)) for kind, n in ds.skipped.items()}

@@ -6,7 +6,7 @@ import math
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Sampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
 from instseg.config import DataConfig
 from instseg.data.coco import CocoInstanceDataset, LabelMap, check_dataset_root
@@ -36,8 +36,14 @@ def loader_options(data: DataConfig) -> dict:
     }
 
 
-def build_loader(dataset: CocoInstanceDataset, data: DataConfig, shuffle: bool, seed: int = 0) -> DataLoader:
+def build_loader(dataset: CocoInstanceDataset, data: DataConfig, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """With world_size > 1, rank `rank`'s shard through a DistributedSampler (call its set_epoch every
+    epoch for a new shuffle). Built here rather than by Ray Train's prepare_data_loader, which rebuilds
+    the loader and drops persistent_workers."""
     generator = torch.Generator().manual_seed(seed)
+    if world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        return DataLoader(dataset, batch_size=data.batch_size, sampler=sampler, generator=generator, **loader_options(data))
     return DataLoader(dataset, batch_size=data.batch_size, shuffle=shuffle, generator=generator, **loader_options(data))
 
 

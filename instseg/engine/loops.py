@@ -15,7 +15,7 @@ from torch import nn
 from instseg.engine.precision import Precision
 from instseg.errors import InstsegError
 from instseg.metrics.coco_eval import CocoEvaluator
-from instseg.metrics.names import TRAIN_LOSS, TRAIN_LOSS_KEYS, train_key
+from instseg.metrics.names import TRAIN_LOSS, TRAIN_LOSS_KEYS, WORKER_THROUGHPUT, train_key
 
 ProgressFn = Callable[[str], None]
 
@@ -43,7 +43,8 @@ def train_one_epoch(
     precision: Precision | None = None,
     grad_clip_norm: float = 0.0,
 ) -> dict[str, float]:
-    """One pass over `loader`; returns this process's mean of each Mask R-CNN loss and their sum.
+    """One pass over `loader`; returns this process's mean of each Mask R-CNN loss, their sum, and its
+    training throughput in images/s (data loading included).
 
     `scheduler` steps per iteration (warm-up + per-iteration decay); `precision` sets autocast and the
     fp16 loss scaler; `grad_clip_norm` > 0 clips the global gradient norm (after unscaling)."""
@@ -51,9 +52,10 @@ def train_one_epoch(
     scaler = precision.scaler
     model.train()
     sums = dict.fromkeys((*TRAIN_LOSS_KEYS, "loss"), 0.0)  # plus any extra term (loss_mask_dice)
-    steps = 0
+    steps = images_seen = 0
     start = time.perf_counter()
     for images, targets in loader:
+        images_seen += len(images)
         images, targets = _to_device(images, targets, device)
         with precision.autocast():
             loss_dict = model(images, targets)
@@ -85,9 +87,11 @@ def train_one_epoch(
         if progress is not None and steps % log_every == 0:
             rate = steps / (time.perf_counter() - start)
             progress(f"step {steps}: loss {sums['loss'] / steps:.4f} ({rate:.2f} it/s)")
+    elapsed = time.perf_counter() - start
     steps = max(steps, 1)
     means = {train_key(key): value / steps for key, value in sums.items() if key != "loss"}
     means[TRAIN_LOSS] = sums["loss"] / steps
+    means[WORKER_THROUGHPUT] = images_seen / elapsed if elapsed > 0 else 0.0
     return means
 
 

@@ -11,6 +11,7 @@ EARLY_STOPPED = "train/early_stopped"  # 1.0 on the epoch after which patience r
 
 TRAIN_LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 TRAIN_LOSS = "train/loss"
+WORKER_THROUGHPUT = "train/worker_images_per_s"  # training images per second per worker (mean over workers)
 
 # pycocotools COCOeval.stats order, under the names users know from torchmetrics / Ultralytics
 COCO_STAT_NAMES = (

@@ -71,3 +71,21 @@ def test_aspect_ratio_batches_never_mix_orientations_and_cover_every_index():
     assert sorted(i for batch in batches for i in batch) == list(range(len(landscape)))
     assert all(len({landscape[i] for i in batch}) == 1 for batch in batches)
     assert len(batches) == len(sampler) == 5
+
+
+def test_distributed_loaders_shard_without_overlap_and_reshuffle_each_epoch(synth_root, tiny_config):
+    cfg = tiny_config("data.num_workers=1")
+    train, _ = build_datasets(cfg.data)
+    loaders = [build_loader(train, cfg.data, shuffle=True, seed=3, rank=rank, world_size=2) for rank in range(2)]
+    assert all(loader.persistent_workers for loader in loaders), "the config's persistent_workers survives sharding"
+
+    def order(epoch: int) -> list[list[int]]:
+        for loader in loaders:
+            loader.sampler.set_epoch(epoch)
+        return [list(loader.sampler) for loader in loaders]
+
+    first, second = order(0), order(1)
+    assert set(first[0]).isdisjoint(first[1]) or len(train) % 2  # padding repeats at most one image
+    assert set(first[0]) | set(first[1]) == set(range(len(train)))
+    assert first != second, "set_epoch reshuffles"
+    assert order(0) == first, "the same epoch gives the same shards on every rank"
