@@ -11,7 +11,7 @@ Reported:
 Both sides use the same torch thread count (the Ray worker gets `--threads` CPUs, and Ray sets its
 OMP_NUM_THREADS from them).
 
-    .venv/bin/python bench/ray_overhead.py [--images 64] [--epochs 2] [--rounds 2] [--threads 2]
+    .venv/bin/python bench/ray_overhead.py [--images 96] [--epochs 3] [--rounds 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -69,9 +69,9 @@ def ray_job(cfg) -> tuple[list[float], float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=64, help="synthetic images (3/4 train)")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--images", type=int, default=96, help="synthetic images (3/4 train)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args()
 
