@@ -88,17 +88,27 @@ def submit_job(
     token: str | None = None,
     on_line: Callable[[str], None] | None = print,
     poll_s: float = 1.0,
+    agent_wait_s: float = 120.0,
 ) -> JobOutcome:
-    """Submit `entrypoint`, stream its log lines to `on_line` (None: quiet) and wait for the end."""
+    """Submit `entrypoint`, stream its log lines to `on_line` (None: quiet) and wait for the end.
+    A head whose job agent is still starting is retried for up to `agent_wait_s`."""
     from ray.job_submission import JobSubmissionClient
 
     command = entrypoint if isinstance(entrypoint, str) else shlex.join(entrypoint)
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    try:
-        client = JobSubmissionClient(address, headers=headers)
-        job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env or {})
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise JobSubmitError(f"could not submit to {address}: {str(exc).strip().splitlines()[0]}") from exc
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            client = JobSubmissionClient(address, headers=headers)
+            job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env or {})
+            break
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0]
+            # a head that has just started answers before its job agent is up
+            if "No available agent" in reason and time.monotonic() < deadline:
+                time.sleep(poll_s)
+                continue
+            raise JobSubmitError(f"could not submit to {address}: {reason}") from exc
     if on_line is not None:
         on_line(f"submitted job {job_id} to {address}")
         asyncio.run(_follow(client, job_id, on_line))

@@ -30,6 +30,9 @@ def token_head():
                         "dashboard_port": 0},
     )
     url = cluster.webui_url if "://" in cluster.webui_url else f"http://{cluster.webui_url}"
+    # the first job waits for the head's job agent to come up (submit_job retries until it has)
+    warm_up = submit_job([sys.executable, "-c", "pass"], address=url, token=token, on_line=None)
+    assert warm_up.succeeded, warm_up.message
     yield url, token
     cluster.shutdown()
 

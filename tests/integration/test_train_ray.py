@@ -130,4 +130,9 @@ def test_two_workers_report_the_metrics_of_one_on_the_same_weights(local_ray, ti
     one, two = results[1], results[2]
     assert one["val/bbox_mar100"] > 0 and one["detections"] > 0, "the model must detect something for the comparison to mean anything"
     assert one.keys() == two.keys()
-    assert {k: two[k] for k in one} == pytest.approx(one, abs=1e-9)
+    # COCO stats, P / R / F1 / Dice: the same predictions, so the same numbers
+    evaluated = [k for k in one if not k.startswith("val/loss")]
+    assert {k: two[k] for k in evaluated} == pytest.approx({k: one[k] for k in evaluated}, abs=1e-12)
+    # validation losses: rank 0 over the whole split either way; float32 sums may differ in the last bit
+    losses = [k for k in one if k.startswith("val/loss")]
+    assert {k: two[k] for k in losses} == pytest.approx({k: one[k] for k in losses}, rel=1e-6)
