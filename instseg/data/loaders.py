@@ -37,14 +37,14 @@ def loader_options(data: DataConfig) -> dict:
 
 
 def build_loader(dataset: CocoInstanceDataset, data: DataConfig, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """With world_size > 1, rank `rank`'s shard through a DistributedSampler (call its set_epoch every
-    epoch for a new shuffle). Built here rather than by Ray Train's prepare_data_loader, which rebuilds
-    the loader and drops persistent_workers."""
-    generator = torch.Generator().manual_seed(seed)
-    if world_size > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
-        return DataLoader(dataset, batch_size=data.batch_size, sampler=sampler, generator=generator, **loader_options(data))
-    return DataLoader(dataset, batch_size=data.batch_size, shuffle=shuffle, generator=generator, **loader_options(data))
+    """A shuffled or sharded loader draws through a DistributedSampler (rank `rank` of `world_size`):
+    call its set_epoch every epoch; the order is then a function of (seed, epoch), the same on every rank
+    and after a restart from a checkpoint. Built here rather than by Ray Train's prepare_data_loader,
+    which rebuilds the loader and drops persistent_workers."""
+    if not shuffle and world_size == 1:
+        return DataLoader(dataset, batch_size=data.batch_size, shuffle=False, **loader_options(data))
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    return DataLoader(dataset, batch_size=data.batch_size, sampler=sampler, **loader_options(data))
 
 
 def shard_loader(dataset: CocoInstanceDataset, data: DataConfig, rank: int, world_size: int) -> DataLoader:

@@ -4,6 +4,7 @@ runs end to end when the token travels with the submission, and a submission wit
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -18,6 +19,12 @@ from tests.integration.conftest import RAY_CLI, ensure_auth_token
 pytestmark = pytest.mark.integration
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def token_head():
     """A one-node cluster with its dashboard (the job server) on 127.0.0.1 and token auth on."""
@@ -26,8 +33,9 @@ def token_head():
     token = ensure_auth_token()
     cluster = Cluster(
         initialize_head=True,
+        # the job agent's port must differ from the session's local Ray (whose agent holds the default)
         head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": True, "dashboard_host": "127.0.0.1",
-                        "dashboard_port": 0},
+                        "dashboard_port": 0, "dashboard_agent_listen_port": free_port()},
     )
     url = cluster.webui_url if "://" in cluster.webui_url else f"http://{cluster.webui_url}"
     # the first job waits for the head's job agent to come up (submit_job retries until it has)
