@@ -32,7 +32,11 @@ def run_training(cfg: Config) -> TrainSummary:
     run_id, resumed = open_train_run(cfg, tracking_uri, name)
     print(f"{'resuming' if resumed else 'started'} MLflow run {run_id} '{name}' ({tracking_uri})", flush=True)
     trainer = build_trainer(cfg, tracking_uri=tracking_uri, run_id=run_id, name=name)
-    return fit_and_log(trainer, tracking_uri, run_id)
+    try:
+        return fit_and_log(trainer, tracking_uri, run_id)
+    except KeyboardInterrupt:
+        print(f"stopped; the same command with run_name={name} resumes from the latest checkpoint", file=sys.stderr, flush=True)
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:
