@@ -77,6 +77,11 @@ class TrainConfig(_Section):
     channels_last: bool = False
     cudnn_benchmark: bool = False
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML reads an unquoted `off` (train.amp=off) as false
+
 
 class MetricsConfig(_Section):
     # Fitness = sum(weight * metric): old Ultralytics segmentation fitness (0.1 mAP50 + 0.9 mAP50-95, box + mask)

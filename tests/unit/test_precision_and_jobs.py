@@ -52,6 +52,12 @@ def test_learning_rate_scales_linearly_with_the_global_batch():
     assert cfg.effective_lr() == pytest.approx(0.02)  # torchvision's recipe: 0.02 for 8 GPUs x 2 images
 
 
+def test_amp_off_unquoted_is_off():
+    assert load(DEMO_CONFIG, ["train.amp=off"]).train.amp == "off"
+    with pytest.raises(ConfigError, match="train.amp"):
+        load(DEMO_CONFIG, ["train.amp=fp8"])
+
+
 def test_sync_batchnorm_without_gpus_is_a_config_error():
     with pytest.raises(ConfigError, match="model.sync_batchnorm needs ray.use_gpu=true"):
         load(DEMO_CONFIG, ["model.sync_batchnorm=true"])
