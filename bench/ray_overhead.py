@@ -51,9 +51,8 @@ def bare_loop(cfg, epochs: int) -> list[float]:
 
 def ray_job(cfg) -> tuple[list[float], float, float]:
     """(images/s per epoch inside the worker, fit() wall time, seconds spent in epochs)."""
-    from mlflow import MlflowClient
-
     from instseg.metrics.names import WORKER_THROUGHPUT
+    from instseg.tracking.runs import RunLogger
     from ray_jobs.trainer import build_trainer, fit_and_log, open_train_run
 
     name = cfg.run_name
@@ -62,9 +61,9 @@ def ray_job(cfg) -> tuple[list[float], float, float]:
     started = time.perf_counter()
     fit_and_log(trainer, cfg.tracking.uri, run_id)
     wall = time.perf_counter() - started
-    client = MlflowClient(cfg.tracking.uri)
-    history = lambda key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]  # noqa: E731
-    return history(WORKER_THROUGHPUT), wall, sum(history("train/epoch_time_s"))
+    run = RunLogger(cfg.tracking.uri, run_id)
+    rates, epoch_times = ([value for _, value in sorted(run.history(key))] for key in (WORKER_THROUGHPUT, "train/epoch_time_s"))
+    return rates, wall, sum(epoch_times)
 
 
 def main() -> int:

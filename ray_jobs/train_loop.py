@@ -17,14 +17,13 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
 from instseg.config import Config, flatten
 from instseg.data.loaders import build_datasets, build_loader, group_by_aspect_ratio
 from instseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from instseg.engine.precision import apply_backend_flags, resolve_precision
 from instseg.engine.early_stopping import EarlyStopping
-from instseg.engine.distributed import evaluate_sharded
+from instseg.engine.distributed import evaluate_sharded, from_rank_zero, gather_to_all, mean_across_ranks
 from instseg.engine.loops import train_one_epoch, validation_loss
 from instseg.engine.optim import build_optimizer, build_scheduler
 from instseg.metrics.coco_eval import CocoEvaluator
@@ -39,32 +38,6 @@ PLOTTED_IMAGES = 8  # validation images in the predictions grid
 OVERLAY_SCORE = 0.25  # detections drawn on them: Ultralytics' plotting threshold
 RESUMED_TAG = "instseg.resumed_from_epochs"  # every checkpoint epoch the run restarted from, in order
 NODES_TAG = "instseg.worker_nodes"  # Ray node id of each rank, in rank order, at the latest (re)start
-
-
-def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    tensor /= dist.get_world_size()
-    return dict(zip(keys, tensor.tolist()))
-
-
-def _gather_to_all(value: Any) -> list[Any]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [value]
-    values: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
-
-
-def _from_rank_zero(value: Any) -> Any:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -102,7 +75,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
 
     # where each rank runs, at every (re)start: which nodes a failure took out is then on record
-    nodes = _gather_to_all(ray.get_runtime_context().get_node_id())
+    nodes = gather_to_all(ray.get_runtime_context().get_node_id())
     if logger is not None:
         logger.set_tags({NODES_TAG: ",".join(nodes)})
 
@@ -130,7 +103,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every rank
         progress = (lambda line: print(f"[epoch {epoch + 1}] {line}", flush=True)) if rank == 0 else None
-        train_metrics = _mean_across_ranks(
+        train_metrics = mean_across_ranks(
             train_one_epoch(model, optimizer, train_loader, device, scheduler, cfg.train.log_every, progress,
                             precision=precision, grad_clip_norm=cfg.train.grad_clip_norm)
         )
@@ -186,7 +159,7 @@ def validate(core: torch.nn.Module, val_set: Any, val_loader: Any, cfg: Config, 
     if coco_metrics is not None:
         curve_values, curves = _curve_metrics(val_set, evaluator)
         val_metrics = {**coco_metrics, **curve_values, **validation_loss(core, val_loader, device)}
-    return _from_rank_zero(val_metrics), curves
+    return from_rank_zero(val_metrics), curves
 
 
 def _log_run_setup(logger: RunLogger, cfg: Config, world_size: int, label_map: Any, train_set: Any, val_set: Any) -> None:

@@ -71,22 +71,22 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def isolated_overrides(data_root: Path, tmp_path: Path) -> list[str]:
+    """The demo config at test size on `data_root`, with its MLflow store and Ray storage in tmp_path."""
+    return [
+        *TINY,
+        f"data.root={data_root}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"ray.storage_path={tmp_path / 'ray_results'}",
+    ]
+
+
 @pytest.fixture
 def tiny_config(synth_root: Path, tmp_path: Path):
     """A factory: the demo config at test size, with its own MLflow store and Ray storage."""
 
     def make(*overrides: str) -> Config:
-        cfg = load(
-            DEMO_CONFIG,
-            [
-                *TINY,
-                f"data.root={synth_root}",
-                f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                f"ray.storage_path={tmp_path / 'ray_results'}",
-                *overrides,
-            ],
-        )
-        return resolve_paths(cfg)
+        return resolve_paths(load(DEMO_CONFIG, [*isolated_overrides(synth_root, tmp_path), *overrides]))
 
     return make
 

@@ -26,7 +26,7 @@ from instseg.metrics.names import EPOCH, FITNESS
 from instseg.tracking.runs import find_run
 from ray_jobs.train import run_training
 from ray_jobs.train_loop import NODES_TAG, RESUMED_TAG
-from tests.conftest import DEMO_CONFIG, ROOT, TINY
+from tests.conftest import DEMO_CONFIG, ROOT, isolated_overrides
 from tests.integration.conftest import ensure_auth_token
 
 pytestmark = pytest.mark.integration
@@ -47,10 +47,7 @@ def longer_epochs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def cli_overrides(data_root: Path, tmp_path: Path, *extra: str) -> list[str]:
     return [
-        *TINY,
-        f"data.root={data_root}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        f"ray.storage_path={tmp_path / 'ray_results'}",
+        *isolated_overrides(data_root, tmp_path),
         f"train.epochs={EPOCHS}",
         "tracking.experiment=faults",
         *extra,

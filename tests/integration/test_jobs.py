@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from instseg.metrics.names import EPOCH, FITNESS
 from ray_jobs.submit import load_runtime_env, submit_job
-from tests.conftest import DEMO_CONFIG, ROOT, TINY
+from tests.conftest import DEMO_CONFIG, ROOT, isolated_overrides
 from tests.integration.conftest import RAY_CLI, ensure_auth_token
 
 pytestmark = pytest.mark.integration
@@ -48,10 +48,8 @@ def token_head():
 def test_token_authenticated_job_trains_end_to_end(token_head, synth_root, tmp_path):
     address, token = token_head
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    entrypoint = [
-        sys.executable, "-m", "ray_jobs.train", "--config", str(DEMO_CONFIG.relative_to(ROOT)), *TINY, "train.epochs=1", "run_name=job-train",
-        f"data.root={synth_root}", f"tracking.uri={tracking_uri}", f"ray.storage_path={tmp_path / 'ray_results'}",
-    ]
+    entrypoint = [sys.executable, "-m", "ray_jobs.train", "--config", str(DEMO_CONFIG.relative_to(ROOT)),
+                  *isolated_overrides(synth_root, tmp_path), "train.epochs=1", "run_name=job-train"]
     lines: list[str] = []
     # the project folder travels as the job's working_dir, as with `ray job submit --working-dir .`
     runtime_env = load_runtime_env(str(ROOT / "cluster" / "runtime_env.yaml"), str(ROOT))
