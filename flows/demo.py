@@ -1,5 +1,6 @@
-"""`make demo`: synthesize data if missing, run the tune -> register -> promote flow on a local Ray,
-then print a summary and the commands that open the MLflow and Prefect UIs."""
+"""`make demo`: synthesize data if missing, run the tune -> register -> promote -> showcase flow on a local
+Ray, then print a summary (the champion's mAP and a drawing of its masks) and the commands that open the
+MLflow and Prefect UIs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Iterator, Sequence
 
 from flows.pipeline import FLOW_NAME, tune_register_promote
 from instseg.data.coco import annotation_path
-from instseg.data.synth import synthesize
+from instseg.data.synth import synthesize, synthesized_with
 from instseg.metrics.names import FITNESS
 from instseg.tracking.registry import aliases
 from ray_jobs.cli_common import config_parser, load_config, run_cli
@@ -29,7 +30,7 @@ def _bin_dir() -> str:
         return f"{folder}/"
 
 
-def print_summary(result: dict[str, Any], elapsed: float, data_root: str) -> None:
+def print_summary(result: dict[str, Any], elapsed: float, data_root: str, val_split: str) -> None:
     tuned = TuneSummary.from_dict(result["tune"])
     reg, promo = result["registration"], result["promotion"]
     print("\n" + "=" * 78)
@@ -39,10 +40,20 @@ def print_summary(result: dict[str, Any], elapsed: float, data_root: str) -> Non
     print(f"\nbest params      {params}")
     print(f"best {FITNESS:<11} {tuned.best_fitness:.5f} (trial {tuned.best_trial_id}, MLflow run {tuned.best_run_id})")
     print(f"registered       {reg['model_name']} version {reg['version']}")
-    champion = f"{promo['champion_fitness']:.5f} (v{promo['champion_version']})" if promo["champion_version"] else "none"
-    print(f"promotion        challenger {promo['challenger_fitness']:.5f} vs champion {champion}: "
+    previous = "none"
+    if promo["champion_version"]:
+        previous = f"{promo['champion_fitness']:.5f} (v{promo['champion_version']})"
+    print(f"promotion        challenger {promo['challenger_fitness']:.5f} vs champion {previous}: "
           f"{'promoted' if promo['promoted'] else 'kept champion'}")
     print(f"aliases          {aliases(reg['tracking_uri'], reg['model_name'])}")
+    champion = promo["challenger_metrics"] if promo["promoted"] else promo["champion_metrics"] or {}
+    if champion:
+        print(f"champion         v{promo['champion_after']} on the {val_split} split: "
+              f"mask mAP50-95 {champion['val/segm_map']:.3f} (mAP50 {champion['val/segm_map50']:.3f}), "
+              f"box mAP50-95 {champion['val/bbox_map']:.3f} (mAP50 {champion['val/bbox_map50']:.3f})")
+    shown = result["showcase"]
+    print(f"champion drawn   {os.path.relpath(shown['path']) if shown['path'] else shown['artifact_uri']} "
+          f"({val_split} image {shown['image_id']}; in MLflow as {shown['artifact_uri']})")
     bin_dir = _bin_dir()
     print("\nLook around:")
     print(f"  {bin_dir}mlflow ui --backend-store-uri {reg['tracking_uri']}    # http://127.0.0.1:5000")
@@ -76,15 +87,18 @@ def one_prefect_api() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = config_parser("python -m flows.demo", "Run the tune -> register -> promote demo locally")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
     cfg = load_config(args)
-    if not annotation_path(cfg.data.root, cfg.data.train_split).is_file():
+    wanted = {"images": cfg.data.synth_images, "seed": cfg.seed}
+    made = synthesized_with(cfg.data.root)
+    if not annotation_path(cfg.data.root, cfg.data.train_split).is_file() or (made is not None and made != wanted):
+        # a synthetic set of ours made with other settings (an older demo) is replaced; other data is never touched
         print(f"synthesizing {cfg.data.synth_images} images into {cfg.data.root}", flush=True)
         synthesize(cfg.data.root, images=cfg.data.synth_images, seed=cfg.seed)
-    started = time.perf_counter()
     with one_prefect_api():
         init_ray(cfg.ray.address)
         result = tune_register_promote(config_path=args.config, overrides=args.overrides)
-    print_summary(result, time.perf_counter() - started, os.path.relpath(cfg.data.root))
+    print_summary(result, time.perf_counter() - started, os.path.relpath(cfg.data.root), cfg.data.val_split)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The tune -> register -> promote flow on prefect_ray.RayTaskRunner.
+"""The tune -> register -> promote -> showcase flow on prefect_ray.RayTaskRunner.
 
 The task that launches tuning asks Ray for a sliver of CPU only (its trials' Train workers hold
 the CPUs/GPUs); promotion evaluates two models and takes one CPU. Each task returns a plain
@@ -7,6 +7,7 @@ dict summary that the next task takes explicitly.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,14 +17,16 @@ from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
 
 from instseg.config import Config, load, resolve_paths
-from instseg.evaluation import evaluate_on_split
+from instseg.evaluation import evaluate_on_split, render_example
 from instseg.models.bundle import load_bundle
-from instseg.tracking.registry import download_bundle, promote, register_bundle
-from ray_jobs.trainer import preflight_data
+from instseg.tracking.registry import download_bundle, model_version_run, promote, register_bundle
+from instseg.tracking.runs import RunLogger
+from ray_jobs.trainer import preflight
 from tuning.tune import ORCHESTRATION_CPUS, TuneSummary, run_tuning
 
 FLOW_NAME = "instseg-tune-register-promote"
 PROMOTION_CPUS = 1
+SHOWCASE_ARTIFACT_PATH = "champion"
 
 
 @task(name="tune")
@@ -67,15 +70,46 @@ def promote_task(config: dict[str, Any], registered: dict[str, Any]) -> dict[str
     return result.to_dict()
 
 
+@task(name="showcase")
+def showcase_task(config: dict[str, Any], promoted: dict[str, Any], tracking_uri: str) -> dict[str, Any]:
+    """One validation image with the champion's masks drawn beside its ground truth, logged to the champion's
+    run (artifact champion/) and kept under the Ray storage path when that is a local folder."""
+    cfg = Config.model_validate(config)
+    name, version = promoted["model_name"], promoted["champion_after"]
+    with tempfile.TemporaryDirectory(prefix="instseg-showcase-") as tmp:
+        bundle = download_bundle(tracking_uri, f"models:/{name}/{version}", Path(tmp) / "bundle")
+        model, label_map, _ = load_bundle(bundle)
+        drawn = Path(tmp) / f"{name}-v{version}-{cfg.data.val_split}.png"
+        image_id = render_example(model, label_map, cfg.data, cfg.data.val_split, drawn, f"champion {name} v{version}")
+        run_id = model_version_run(tracking_uri, name, version)
+        RunLogger(tracking_uri, run_id).log_artifact(drawn, SHOWCASE_ARTIFACT_PATH)
+        kept = None
+        if "://" not in cfg.ray.storage_path:
+            kept = Path(cfg.ray.storage_path) / "champions" / drawn.name
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(drawn, kept)
+    get_run_logger().info("champion v%s on %s image %s: %s", version, cfg.data.val_split, image_id, kept or "in MLflow")
+    return {
+        "model_name": name,
+        "version": version,
+        "run_id": run_id,
+        "image_id": image_id,
+        "path": str(kept) if kept else None,
+        "artifact_uri": f"runs:/{run_id}/{SHOWCASE_ARTIFACT_PATH}/{drawn.name}",
+    }
+
+
 @flow(name=FLOW_NAME, task_runner=RayTaskRunner())
 def tune_register_promote(config_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Load the config (paths resolved against the flow's cwd), then tune, register, promote."""
+    """Load the config (paths resolved against the flow's cwd), then tune, register, promote, and draw the
+    champion's predictions on a validation image."""
     cfg = resolve_paths(load(config_path, overrides or []))
-    preflight_data(cfg)  # a bad dataset fails the flow before any task is dispatched
+    preflight(cfg)  # a bad dataset or weights file fails the flow before any task is dispatched
     config = cfg.model_dump()
     with remote_options(num_cpus=ORCHESTRATION_CPUS):
         tuned = tune_task.submit(config).result()
         registered = register_task.submit(config, tuned).result()
     with remote_options(num_cpus=PROMOTION_CPUS):
         promoted = promote_task.submit(config, registered).result()
-    return {"tune": tuned, "registration": registered, "promotion": promoted}
+        shown = showcase_task.submit(config, promoted, registered["tracking_uri"]).result()
+    return {"tune": tuned, "registration": registered, "promotion": promoted, "showcase": shown}

@@ -35,11 +35,31 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from instseg.data.check import check_dataset, format_report
+    from instseg.config import load
+    from instseg.data.check import check_dataset, format_report, missing_split_warnings
 
-    report = check_dataset(Path(args.path), fmt=args.format, names=args.names)
+    data = load(args.config).data if args.config else None
+    path = Path(args.path or (data.root if data else ""))
+    if not str(path) or str(path) == ".":
+        raise InstsegError("data check needs a dataset PATH (or --config with data.root)")
+    report = check_dataset(path, fmt=args.format, names=args.names)
     print(format_report(report))
+    for warning in missing_split_warnings(report, data):
+        print(f"warning: {warning}")
     return 0 if report.clean else 1
+
+
+def _split(args: argparse.Namespace) -> int:
+    from instseg.data.split import split_dataset
+
+    counts = split_dataset(
+        Path(args.root), val_fraction=args.val, seed=args.seed, source=args.source,
+        group_by_folder=args.group_by_folder, train_split=args.train_split, val_split=args.val_split,
+        overwrite=args.overwrite,
+    )
+    for split, c in counts.items():
+        print(f"{split}: {c['images']} images, {c['instances']} instances -> {Path(args.root) / 'images' / split}")
+    return 0
 
 
 def _download(args: argparse.Namespace) -> int:
@@ -119,9 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
     down.set_defaults(handler=_download)
 
     check = data.add_parser("check", help="summarise a dataset and list every problem (exit 1 if any)")
-    check.add_argument("path", help="dataset folder in any supported format")
+    check.add_argument("path", nargs="?", default=None, help="dataset folder, any format (default: data.root)")
+    check.add_argument("--config", default=None, help="a run config: also warn when its train / val split is missing")
     _add_format_options(check)
     check.set_defaults(handler=_check)
+
+    split = data.add_parser("split", help="write a seeded, class-stratified train/val split of a one-split dataset")
+    split.add_argument("root", help="dataset in instseg's COCO layout (annotations/instances_*.json + images/*/)")
+    split.add_argument("--val", type=float, default=0.2, help="share of the images for val (default 0.2)")
+    split.add_argument("--seed", type=int, default=0, help="random seed (default 0): the same seed, the same split")
+    split.add_argument("--source", default=None, help="the split to divide (default: the only one there)")
+    split.add_argument("--group-by-folder", action="store_true", help="keep a folder's images together")
+    split.add_argument("--train-split", default="train", help="name of the new training split (default train)")
+    split.add_argument("--val-split", default="val", help="name of the new validation split (default val)")
+    split.add_argument("--overwrite", action="store_true", help="replace existing splits of those names")
+    split.set_defaults(handler=_split)
 
     met = commands.add_parser("metrics", help="evaluate a COCO results file: metrics.json + plots")
     met.add_argument("gt", help="COCO ground truth JSON")

@@ -40,6 +40,7 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     arch: Literal["maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn", "tiny"] = "maskrcnn_resnet50_fpn_v2"
     weights: str = "DEFAULT"
+    backbone_weights: str = "none"
     # a list is multi-scale training (scale jitter): each training batch picks one size at random,
     # evaluation uses the last; torchvision's transform resizes image, boxes and masks together
     min_size: Annotated[int, Field(ge=32)] | Annotated[list[Annotated[int, Field(ge=32)]], Field(min_length=1)] = 800
@@ -50,7 +51,7 @@ class ModelConfig(_Section):
     mask_dice_weight: float = Field(0.0, ge=0.0)
     sync_batchnorm: bool = False
 
-    @field_validator("weights")
+    @field_validator("weights", "backbone_weights")
     @classmethod
     def _weights_known(cls, value: str) -> str:
         if value.upper() in ("DEFAULT", "NONE") or value.endswith((".pt", ".pth")):
@@ -149,6 +150,12 @@ class Config(_Section):
     def _sync_batchnorm_needs_gpus(self) -> "Config":
         if self.model.sync_batchnorm and not self.ray.use_gpu:
             raise ValueError("model.sync_batchnorm needs ray.use_gpu=true (SyncBatchNorm runs on GPUs only)")
+        return self
+
+    @model_validator(mode="after")
+    def _one_weights_source(self) -> "Config":
+        if self.model.weights.upper() != "NONE" and self.model.backbone_weights.upper() != "NONE":
+            raise ValueError("set model.weights (the whole model) or model.backbone_weights (its backbone), not both")
         return self
 
     def global_batch(self) -> int:
@@ -308,14 +315,15 @@ def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
     storage = cfg.ray.storage_path
     if "://" not in storage:
         storage = str((base / storage).resolve())
-    weights = cfg.model.weights
-    if weights.endswith((".pt", ".pth")):
-        weights = str((base / weights).resolve())
+    weights = {}
+    for key in ("weights", "backbone_weights"):
+        value = getattr(cfg.model, key)
+        weights[key] = str((base / value).resolve()) if value.endswith((".pt", ".pth")) else value
     return cfg.model_copy(
         update={
             "data": cfg.data.model_copy(update={"root": data_root}),
             "ray": cfg.ray.model_copy(update={"storage_path": storage}),
-            "model": cfg.model.model_copy(update={"weights": weights}),
+            "model": cfg.model.model_copy(update=weights),
             "tracking": cfg.tracking.model_copy(update={"uri": absolute_tracking_uri(cfg.tracking.uri, base)}),
         }
     )

@@ -20,12 +20,12 @@ from instseg.tracking.runs import resolve_tracking_uri
 from ray_jobs.cli_common import config_parser, load_config, run_cli
 from ray_jobs.runtime import init_ray
 from ray_jobs.submit import print_result
-from ray_jobs.trainer import TrainSummary, build_trainer, fit_and_log, open_train_run, preflight_data
+from ray_jobs.trainer import TrainSummary, build_trainer, fit_and_log, open_train_run, preflight
 
 
 def run_training(cfg: Config) -> TrainSummary:
     """cfg with absolute paths -> a finished MLflow run and its best checkpoint (Ray started if needed)."""
-    preflight_data(cfg)
+    preflight(cfg)
     init_ray(cfg.ray.address)
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     name = cfg.run_name or time.strftime("train-%Y%m%d-%H%M%S")

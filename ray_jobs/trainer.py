@@ -17,6 +17,7 @@ from instseg.data.loaders import build_datasets
 from instseg.metrics.names import FITNESS, FITNESS_MODE
 from instseg.errors import ConfigError, InstsegError
 from instseg.models.bundle import bundle_from_checkpoint
+from instseg.models.weights import check_weights_available
 from instseg.tracking.runs import RunLogger, create_run, find_run
 from ray_jobs.epoch_logger import EpochMetricsLogger
 from ray_jobs.train_loop import train_loop_per_worker
@@ -42,10 +43,12 @@ class TrainSummary:
         return asdict(self)
 
 
-def preflight_data(cfg: Config) -> None:
-    """Open both splits in the driver (annotations and file existence, no decoding) so that a missing
-    or broken dataset stops with its problems before any Ray worker starts."""
+def preflight(cfg: Config) -> None:
+    """Open both splits in the driver (annotations and file existence, no decoding) and make sure the
+    weights files are there, so that a missing or broken dataset or file stops with its problems before
+    any Ray worker starts."""
     build_datasets(cfg.data)
+    check_weights_available(cfg.model)
 
 
 def create_driver_run(cfg: Config, tracking_uri: str, name: str, kind: str) -> str:

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from instseg.config import Config, load, resolve_paths
+from instseg.data.coco import CocoInstanceDataset, annotation_path
+from instseg.data.loaders import build_loader
 from instseg.data.synth import synthesize
+from instseg.engine.loops import train_one_epoch
+from instseg.engine.optim import build_optimizer, build_scheduler
+from instseg.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # Ray binds and dials the machine's own interface address unless this is "0" (its single-machine mode,
 # read at import): then every node, driver and connection of the tests stays on 127.0.0.1
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
-# the CPU preset at test size: ~0.15 s per image per step on 2 cores
+# the CPU preset at test size: ~0.07 s per image per training step on one core
 TINY = [
     "model.arch=tiny",
     "model.weights=none",
@@ -97,3 +104,61 @@ def shared_dataset(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"shared dataset {name} not found at {path} (set INSTSEG_SHARED)")
     return path
+
+
+OVERFIT_IMAGES = 8
+OVERFIT_REPEATS = 10  # each image listed 10 times in the train split: 20 steps of 4 per epoch, few epochs (and reports)
+# the learning tests' settings: 6 epochs x 20 steps = 120 optimizer steps, flips on (the demo config's default)
+OVERFIT = ["train.epochs=6", "train.lr=0.001", "train.warmup_iters=10", "model.box_detections_per_img=50"]
+OVERFIT_BAR = 0.8  # segm mAP50 on the images trained on
+
+
+@pytest.fixture(scope="session")
+def overfit_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """OVERFIT_IMAGES synthetic images as the val split and, each listed OVERFIT_REPEATS times under new ids, as
+    the train split: a model that learns scores high on val, one whose targets are wired wrong does not."""
+    root = tmp_path_factory.mktemp("data") / "overfit"
+    synthesize(root, images=10, seed=1)  # 8 train + 2 val
+    train = json.loads(annotation_path(root, "train").read_text())
+    assert len(train["images"]) == OVERFIT_IMAGES
+    shutil.rmtree(root / "images" / "val")
+    shutil.copytree(root / "images" / "train", root / "images" / "val")
+    annotation_path(root, "val").write_text(json.dumps(train))
+    repeated = {**train, "images": [], "annotations": []}
+    for copy in range(OVERFIT_REPEATS):
+        repeated["images"] += [{**image, "id": image["id"] + 1000 * copy} for image in train["images"]]
+        repeated["annotations"] += [
+            {**ann, "id": ann["id"] + 100_000 * copy, "image_id": ann["image_id"] + 1000 * copy}
+            for ann in train["annotations"]
+        ]
+    annotation_path(root, "train").write_text(json.dumps(repeated))
+    return root
+
+
+def train_in_process(cfg: Config, dataset_class: type[CocoInstanceDataset] = CocoInstanceDataset) -> torch.nn.Module:
+    """cfg's training without Ray: the real dataset class (flips as configured), loader, optimizer, LR schedule
+    and train_one_epoch, seeded as a Ray Train worker of rank 0 seeds itself."""
+    torch.manual_seed(cfg.seed)
+    dataset = dataset_class(cfg.data.root, cfg.data.train_split, hflip_prob=cfg.data.hflip_prob)
+    model = build_model(cfg.model, dataset.label_map.num_classes)
+    loader = build_loader(dataset, cfg.data, shuffle=True, seed=cfg.seed)
+    optimizer = build_optimizer(model, cfg.train, lr=cfg.effective_lr())
+    scheduler = build_scheduler(optimizer, cfg.train, len(loader))
+    for epoch in range(cfg.train.epochs):
+        loader.sampler.set_epoch(epoch)
+        train_one_epoch(model, optimizer, loader, torch.device("cpu"), scheduler,
+                        grad_clip_norm=cfg.train.grad_clip_norm)
+    return model.eval()
+
+
+def overfit_config(root: Path, tmp_path: Path, *overrides: str) -> Config:
+    return resolve_paths(load(DEMO_CONFIG, [*isolated_overrides(root, tmp_path), *OVERFIT, *overrides]))
+
+
+@pytest.fixture(scope="session")
+def overfit_weights(overfit_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's state dict after the OVERFIT training on overfit_root, in this process
+    (tests/unit/test_learning.py holds it to its bar; evaluation tests use it as a model that detects)."""
+    tmp = tmp_path_factory.mktemp("overfit-weights")
+    torch.save(train_in_process(overfit_config(overfit_root, tmp)).state_dict(), tmp / "tiny.pt")
+    return tmp / "tiny.pt"

@@ -31,7 +31,7 @@ from instseg.tracking.runs import RunLogger, child_runs, create_run, resolve_tra
 from ray_jobs.cli_common import config_parser, load_config, run_cli
 from ray_jobs.runtime import init_ray
 from ray_jobs.submit import print_result
-from ray_jobs.trainer import build_trainer, create_driver_run, fit_and_log, log_checkpoint_bundle, preflight_data
+from ray_jobs.trainer import build_trainer, create_driver_run, fit_and_log, log_checkpoint_bundle, preflight
 from tuning.search_space import build_param_space
 
 # Orchestration layers (trial drivers, flow tasks) hold a sliver of CPU so that only Train
@@ -158,7 +158,7 @@ def run_tuning(cfg: Config) -> TuneSummary:
     """cfg with absolute paths -> a finished study: parent + child MLflow runs and the best model bundle."""
     param_space = build_param_space(cfg.tune.search_space)
     check_search_space(cfg)
-    preflight_data(cfg)
+    preflight(cfg)
     init_ray(cfg.ray.address)
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     study = cfg.run_name or time.strftime("study-%Y%m%d-%H%M%S")

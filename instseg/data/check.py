@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from instseg.config import DataConfig
 from instseg.data.formats import read_dataset
 from instseg.data.validation import Problem, check_split, summarise_split
 
@@ -66,3 +67,21 @@ def format_report(report: CheckReport, max_classes: int = 20) -> str:
         lines.append(f"{len(report.problems)} problem(s): {kinds}")
         lines.extend(f"  {problem}" for problem in report.problems)
     return "\n".join(lines)
+
+
+def missing_split_warnings(report: CheckReport, data: DataConfig | None = None) -> list[str]:
+    """The training and validation splits a run would read (a config's, else the defaults) that the dataset
+    lacks, each with how to make it."""
+    data = data or DataConfig()
+    warnings = []
+    for key, split in (("data.train_split", data.train_split), ("data.val_split", data.val_split)):
+        if split not in report.summaries:
+            have = ", ".join(report.summaries) or "none"
+            hint = f"set {key}"
+            if key == "data.val_split":
+                hint = f"make one with `instseg data split {report.root} --val 0.2`"
+                if report.format != "coco":
+                    convert = f"instseg data convert {report.root} DST"
+                    hint = f"convert it (`{convert}`), then `instseg data split DST --val 0.2`"
+            warnings.append(f"no split '{split}' ({key}) in {report.root} (it has: {have}): training needs it; {hint}")
+    return warnings

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import numpy as np
+import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision.io import ImageReadMode, decode_image, read_file
@@ -84,16 +84,29 @@ def coco_from_dict(dataset: dict[str, Any]) -> COCO:
     return coco
 
 
+def available_splits(root: str | Path) -> list[str]:
+    """The splits with an annotation file under ROOT/annotations, sorted."""
+    files = (Path(root) / "annotations").glob("instances_*.json")
+    return sorted(file.name[len("instances_") : -len(".json")] for file in files)
+
+
 def check_dataset_root(root: str | Path, splits: tuple[str, ...]) -> None:
     """Raise DataError naming the missing path and how to create the data."""
     for split in splits:
         path = annotation_path(root, split)
-        if not path.is_file():
+        if path.is_file():
+            continue
+        present = available_splits(root)
+        if present:
             raise DataError(
-                f"dataset not found: {path} is missing. Create the synthetic dataset with "
-                f"`instseg data synth {root}` or point data.root at a COCO-format dataset "
-                f"(annotations/instances_{{split}}.json + images/{{split}}/)"
+                f"split '{split}' not found: {path} is missing ({root} has {', '.join(present)}). Make a "
+                f"train/val split with `instseg data split {root} --val 0.2`, or set data.train_split / data.val_split"
             )
+        raise DataError(
+            f"dataset not found: {path} is missing. Create the synthetic dataset with "
+            f"`instseg data synth {root}` or point data.root at a COCO-format dataset "
+            f"(annotations/instances_{{split}}.json + images/{{split}}/)"
+        )
 
 
 def cropped_rle(segmentation: Any, height: int, width: int) -> tuple[dict[str, Any], int, int]:

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ from typing import Any
 import yaml
 from PIL import Image
 
+from instseg.data.files import link_or_copy, staged_folder
 from instseg.errors import DataError
 
 FORMATS = ("coco", "roboflow", "yolo")
@@ -222,10 +220,8 @@ def convert(src: Path, dst: Path, fmt: str | None = None, names: str | None = No
     fmt, splits = read_dataset(src, fmt, names)
     if not splits:
         raise DataError(f"{src}: no splits found")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
     counts = {}
-    try:
+    with staged_folder(dst) as staging:
         for split, data in splits.items():
             image_dir = staging / "images" / split
             image_dir.mkdir(parents=True)
@@ -234,7 +230,7 @@ def convert(src: Path, dst: Path, fmt: str | None = None, names: str | None = No
                 source = data.image_files.get(int(image["id"]))
                 if source is None or not source.is_file():
                     continue
-                _link_or_copy(source, image_dir / source.name)
+                link_or_copy(source, image_dir / source.name)
                 images.append({**image, "file_name": source.name})
             kept_ids = {img["id"] for img in images}
             annotations = [
@@ -247,17 +243,4 @@ def convert(src: Path, dst: Path, fmt: str | None = None, names: str | None = No
             (staging / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
             used = {a["category_id"] for a in annotations}
             counts[split] = {"images": len(images), "instances": len(annotations), "classes": len(used)}
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(staging, dst)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return counts
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
 from instseg.config import DataConfig
-from instseg.data.coco import CocoInstanceDataset, LabelMap, check_dataset_root
+from instseg.data.coco import CocoInstanceDataset, check_dataset_root
 
 
 def collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:

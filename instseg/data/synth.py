@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from instseg.data.files import staged_folder
 
 CATEGORIES = ("circle", "rectangle", "triangle")
 IMAGE_SIZE = (160, 128)  # width, height
@@ -24,6 +24,9 @@ MIN_PIECE_AREA = 4.0  # px^2: slivers left by occlusion smaller than this are dr
 MIN_VISIBLE_FRACTION = 0.25  # an instance hidden more than this is not annotated
 # a base colour per class, jittered per instance: learnable in a few tiny-model epochs
 BASE_COLOURS = ((220, 60, 50), (50, 170, 70), (60, 90, 220))
+
+SYNTH_DESCRIPTION = "instseg synthetic shapes"
+SYNTH_KEY = "instseg_synth"  # in each split's "info": the (images, seed) it was made with
 
 Polygon = list[tuple[float, float]]
 
@@ -164,14 +167,13 @@ def synthesize(out: str | os.PathLike[str], images: int = 48, seed: int = 0, val
     n_val = max(1, round(images * val_fraction))
     splits = {"train": images - n_val, "val": n_val}
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CATEGORIES)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     counts: dict[str, int] = {}
-    try:
+    with staged_folder(out) as staging:
         image_id, ann_id = 1, 1
         for split, count in splits.items():
             (staging / "images" / split).mkdir(parents=True)
-            coco: dict = {"info": {"description": f"instseg synthetic shapes, seed {seed}"}, "images": [], "annotations": [], "categories": categories}
+            info = {"description": f"{SYNTH_DESCRIPTION}, seed {seed}", SYNTH_KEY: {"images": images, "seed": seed}}
+            coco: dict = {"info": info, "images": [], "annotations": [], "categories": categories}
             for _ in range(count):
                 image, anns = _make_image(rng, image_id, ann_id)
                 file_name = f"{image_id:06d}.jpg"
@@ -184,10 +186,16 @@ def synthesize(out: str | os.PathLike[str], images: int = 48, seed: int = 0, val
             (staging / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
             counts[f"{split}_images"] = count
             counts[f"{split}_instances"] = len(coco["annotations"])
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return counts
+
+
+def synthesized_with(root: str | os.PathLike[str], split: str = "train") -> dict[str, int] | None:
+    """The {"images", "seed"} a synthetic dataset at `root` was made with; None if it is not one of ours."""
+    try:
+        info = json.loads((Path(root) / "annotations" / f"instances_{split}.json").read_text()).get("info", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(info, dict) or not str(info.get("description", "")).startswith(SYNTH_DESCRIPTION):
+        return None
+    made = info.get(SYNTH_KEY)
+    return made if isinstance(made, dict) else {}  # ours, from before the settings were recorded

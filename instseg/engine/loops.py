@@ -18,6 +18,7 @@ from instseg.metrics.coco_eval import CocoEvaluator
 from instseg.metrics.names import TRAIN_LOSS, TRAIN_LOSS_KEYS, WORKER_THROUGHPUT, train_key
 
 ProgressFn = Callable[[str], None]
+VALIDATION_SEED = 0  # the random sampling inside validation losses (see validation_loss)
 
 
 class NonFiniteLossError(InstsegError):
@@ -99,7 +100,10 @@ def train_one_epoch(
 def validation_loss(model: nn.Module, loader: Iterable, device: torch.device) -> dict[str, float]:
     """Mean Mask R-CNN losses on `loader` without changing the model: torchvision returns losses only in
     train mode, so the model runs in train mode with every BatchNorm in eval mode (running statistics
-    are used, not updated: the v2 model's BatchNorm is trainable) and no gradients."""
+    are used, not updated: the v2 model's BatchNorm is trainable) and no gradients. Train mode samples
+    anchors and proposals at random: that sampling draws from its own generator seeded with
+    VALIDATION_SEED, so the same weights give the same losses whatever ran before (any rank, epoch or
+    restart), and the training random stream is left where it was."""
     was_training = model.training
     model.train()
     for module in model.modules():
@@ -108,11 +112,13 @@ def validation_loss(model: nn.Module, loader: Iterable, device: torch.device) ->
     sums: dict[str, float] = {}
     steps = 0
     try:
-        for images, targets in loader:
-            images, targets = _to_device(images, targets, device)
-            for key, value in model(images, targets).items():
-                sums[key] = sums.get(key, 0.0) + value.item()
-            steps += 1
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(VALIDATION_SEED)
+            for images, targets in loader:
+                images, targets = _to_device(images, targets, device)
+                for key, value in model(images, targets).items():
+                    sums[key] = sums.get(key, 0.0) + value.item()
+                steps += 1
     finally:
         model.train(was_training)
     means = {f"val/{key}": value / max(steps, 1) for key, value in sums.items()}

@@ -87,24 +87,88 @@ def plot_losses(history: dict[str, list[tuple[int, float]]], out: Path) -> Path:
     return out / "loss_curves.png"
 
 
+def _palette() -> list[tuple[int, int, int]]:
+    """One distinct colour per class (matplotlib's tab10, cycled)."""
+    return [tuple(int(c) for c in np.array(colour) * 255) for colour in _pyplot().get_cmap("tab10").colors]
+
+
+def _label_style(scale: int, colours: list[tuple[int, int, int]]) -> dict:
+    """draw_bounding_boxes options for legible labels: matplotlib's DejaVu Sans sized to the image, white on
+    the class colour where this torchvision can fill label backgrounds."""
+    import inspect
+
+    from matplotlib import font_manager
+    from torchvision.utils import draw_bounding_boxes
+
+    style = {"font": font_manager.findfont("DejaVu Sans"), "font_size": 7 + 3 * scale}
+    if "fill_labels" in inspect.signature(draw_bounding_boxes).parameters:
+        style.update(fill_labels=True, label_colors="white", label_background_colors=colours)
+    return style
+
+
+def draw_detections(image, detections: dict, names: list[str], scale: int = 1):
+    """uint8 [3, H, W] image with instance masks, boxes and labels drawn in one colour per class. detections:
+    boolean masks [N, H, W], xyxy boxes [N, 4], 0-based class indices and scores (None for ground truth).
+    `scale` enlarges the image first (masks nearest-neighbour) so that labels stay legible on small images."""
+    import torch
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+    masks, boxes = detections["masks"], torch.as_tensor(detections["boxes"], dtype=torch.float32).reshape(-1, 4)
+    if scale != 1:
+        size = [image.shape[-2] * scale, image.shape[-1] * scale]
+        image = F.resize(image, size, antialias=True)
+        if len(masks):
+            masks = F.resize(masks[:, None].to(torch.uint8), size, interpolation=InterpolationMode.NEAREST)[:, 0].bool()
+        else:
+            masks = masks.new_zeros((0, *size))
+        boxes = boxes * scale
+    if not len(detections["classes"]):
+        return image
+    palette = _palette()
+    colours = [palette[int(c) % len(palette)] for c in detections["classes"]]
+    scores = detections.get("scores")
+    labels = [names[int(c)] for c in detections["classes"]]
+    if scores is not None:
+        labels = [f"{label} {score:.2f}" for label, score in zip(labels, scores)]
+    image = draw_segmentation_masks(image, masks, alpha=0.5, colors=colours)
+    style = _label_style(scale, colours)
+    return draw_bounding_boxes(image, boxes, labels=labels, colors=colours, width=max(1, scale), **style)
+
+
 def plot_overlays(images: list, predictions: list[dict], names: list[str], out: Path, size: int = 256) -> Path:
-    """A grid of validation images with predicted masks and boxes (uint8 [3, H, W] images; predictions with
-    boolean masks [N, H, W], xyxy boxes, 0-based class indices and scores)."""
+    """A grid of validation images with predicted masks and boxes (uint8 [3, H, W] images; predictions as
+    draw_detections takes them)."""
     import torch
     from torchvision.io import write_png
     from torchvision.transforms.v2 import functional as F
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
+    from torchvision.utils import make_grid
 
-    palette = [tuple(int(c) for c in np.array(plt_color) * 255) for plt_color in _pyplot().get_cmap("tab20").colors]
-    tiles = []
-    for image, pred in zip(images, predictions):
-        colors = [palette[int(c) % len(palette)] for c in pred["classes"]]
-        tile = image
-        if len(pred["classes"]):
-            tile = draw_segmentation_masks(tile, pred["masks"], alpha=0.5, colors=colors)
-            labels = [f"{names[int(c)]} {s:.2f}" for c, s in zip(pred["classes"], pred["scores"])]
-            tile = draw_bounding_boxes(tile, pred["boxes"], labels=labels, colors=colors, width=2)
-        tiles.append(F.resize(tile, [size, size], antialias=True))
+    tiles = [F.resize(draw_detections(image, pred, names), [size, size], antialias=True)
+             for image, pred in zip(images, predictions)]
     grid = make_grid(torch.stack(tiles), nrow=4, padding=4) if tiles else torch.zeros((3, size, size), dtype=torch.uint8)
     write_png(grid, str(out / "val_predictions.png"))
     return out / "val_predictions.png"
+
+
+def plot_example(
+    image, truth: dict, prediction: dict, names: list[str], path: Path, titles: tuple[str, str], scale: int = 3
+) -> Path:
+    """One image twice, side by side: ground truth and a model's detections (draw_detections' form), titled."""
+    from matplotlib import font_manager
+    from PIL import Image, ImageDraw, ImageFont
+
+    drawn = [draw_detections(image, detections, names, scale) for detections in (truth, prediction)]
+    panels = [Image.fromarray(panel.permute(1, 2, 0).numpy()) for panel in drawn]
+    width, height = panels[0].size
+    font = ImageFont.truetype(font_manager.findfont("DejaVu Sans"), 14)
+    header, gap = 22, 8
+    canvas = Image.new("RGB", (2 * width + gap, height + header), "white")
+    draw = ImageDraw.Draw(canvas)
+    for index, (panel, title) in enumerate(zip(panels, titles)):
+        canvas.paste(panel, (index * (width + gap), header))
+        draw.text((index * (width + gap) + 4, 3), title, fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path

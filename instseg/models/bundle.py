@@ -21,7 +21,8 @@ from instseg.config import ModelConfig
 from instseg.data.coco import LabelMap
 from instseg.engine.checkpoint import atomic_torch_save, load_checkpoint
 from instseg.errors import InstsegError
-from instseg.models.factory import build_model, load_state_dict_file
+from instseg.models.factory import build_model
+from instseg.models.weights import WEIGHT_KEYS, load_state_dict_file
 
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "model.json"
@@ -30,7 +31,9 @@ META_FILE = "model.json"
 def write_bundle(folder: Path, state_dict: dict[str, torch.Tensor], model_cfg: dict[str, Any], label_map: dict[str, Any], metrics: dict[str, float] | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(state_dict, folder / WEIGHTS_FILE)
-    meta = {"model": {**model_cfg, "weights": "none"}, "label_map": label_map, "metrics": metrics or {}}
+    # the architecture only: the weights are in the bundle, nothing is fetched or loaded from elsewhere
+    architecture = {**model_cfg, **dict.fromkeys(WEIGHT_KEYS, "none")}
+    meta = {"model": architecture, "label_map": label_map, "metrics": metrics or {}}
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{META_FILE}.")
     with os.fdopen(fd, "w") as handle:
         json.dump(meta, handle, indent=2)

@@ -3,40 +3,49 @@
 Architectures:
     maskrcnn_resnet50_fpn_v2  the default (Li et al. 2021 improvements: better mAP, trainable BN)
     maskrcnn_resnet50_fpn     the original v1
-    tiny                      mobilenet_v3_large-FPN backbone with slim heads: a CPU preset for
-                              tests and the demo (about 0.15 s per 128 px image per train step on 2 cores)
-Weights: DEFAULT (COCO weights for the R50 models, ImageNet backbone for tiny; downloaded by
-torchvision on first use), none (random init), or a path to a state dict saved by instseg.
+    tiny                      mobilenet_v3_large-FPN at strides 8/16/32 with slim heads: a CPU preset for
+                              tests and the demo (about 0.07 s per 128x160 image per train step on one core)
+Weights (instseg.models.weights): `model.weights` DEFAULT (COCO for the R50 models, the ImageNet backbone for
+tiny), none (random init) or a state-dict file; `model.backbone_weights` DEFAULT or a file for an ImageNet
+backbone under fresh detection layers. With pretrained weights the network takes torchvision's fine-tuning
+layout: the first backbone stages frozen (model.trainable_backbone_layers), BatchNorm frozen where
+torchvision freezes it (v1, tiny).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
 from torch import nn
-from torchvision.models import MobileNet_V3_Large_Weights
-from torchvision.models.detection import (
-    MaskRCNN,
-    MaskRCNN_ResNet50_FPN_Weights,
-    MaskRCNN_ResNet50_FPN_V2_Weights,
-    maskrcnn_resnet50_fpn,
-    maskrcnn_resnet50_fpn_v2,
-)
+from torchvision.models import mobilenet_v3_large
+from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn_v2
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import mobilenet_backbone
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from instseg.config import ModelConfig
 from instseg.errors import ConfigError
 from instseg.models.dice_heads import DiceRoIHeads
+from instseg.models.weights import (
+    WEIGHT_KEYS,
+    fit_backbone_weights,
+    fit_model_weights,
+    is_default,
+    is_none,
+    load_published,
+    load_state_dict_file,
+    published,
+)
 
-_R50_BUILDERS = {
-    "maskrcnn_resnet50_fpn_v2": (maskrcnn_resnet50_fpn_v2, MaskRCNN_ResNet50_FPN_V2_Weights.DEFAULT),
-    "maskrcnn_resnet50_fpn": (maskrcnn_resnet50_fpn, MaskRCNN_ResNet50_FPN_Weights.DEFAULT),
-}
+RESNET_STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")  # trained first to last as trainable layers grow
+# tiny: mobilenet_v3_large blocks whose outputs are at strides 8, 16 and 32 (40, 80, 160 channels). The stride-8
+# level matters: at 128 px, stride 32 alone is a 4x5 grid, too coarse for 16-70 px objects and their masks
+TINY_RETURN_LAYERS = {"4": "0", "7": "1", "13": "2"}
+TINY_FPN_CHANNELS = 64
+TINY_HEAD_CHANNELS = 64
+# two sizes per level (strides 8, 16, 32 and the max-pooled 64), three aspect ratios: 16-192 px objects
+TINY_ANCHOR_SIZES = ((16, 24), (32, 48), (64, 96), (128, 192))
 
 
 def _common_kwargs(cfg: ModelConfig) -> dict:
@@ -48,41 +57,50 @@ def _common_kwargs(cfg: ModelConfig) -> dict:
     }
 
 
-def _replace_predictors(model: MaskRCNN, num_classes: int) -> None:
-    """Swap the COCO-sized box and mask predictors for ones sized to the dataset."""
-    box_in = model.roi_heads.box_predictor.cls_score.in_features
-    model.roi_heads.box_predictor = FastRCNNPredictor(box_in, num_classes)
-    mask_in = model.roi_heads.mask_predictor.conv5_mask.in_channels
-    model.roi_heads.mask_predictor = MaskRCNNPredictor(mask_in, mask_in, num_classes)
+def _freeze_resnet_stages(body: nn.Module, trainable: int) -> None:
+    """torchvision's rule: only the last `trainable` ResNet stages (and bn1 with all five) get gradients."""
+    train = RESNET_STAGES[:trainable] + (("bn1",) if trainable == 5 else ())
+    for name, parameter in body.named_parameters():
+        if not name.startswith(train):
+            parameter.requires_grad_(False)
 
 
 def _build_r50(cfg: ModelConfig, num_classes: int, pretrained: bool) -> MaskRCNN:
-    builder, default_weights = _R50_BUILDERS[cfg.arch]
-    if not pretrained:
-        return builder(
-            weights=None,
-            weights_backbone=None,
-            num_classes=num_classes,  # random init: every layer trains
-            **_common_kwargs(cfg),
+    if pretrained and cfg.trainable_backbone_layers > 5:
+        raise ConfigError(
+            f"model.trainable_backbone_layers must be 0-5 for {cfg.arch} (got {cfg.trainable_backbone_layers})"
         )
-    model = builder(weights=default_weights, trainable_backbone_layers=cfg.trainable_backbone_layers, **_common_kwargs(cfg))
-    _replace_predictors(model, num_classes)
+    trainable = cfg.trainable_backbone_layers if pretrained else 5
+    if cfg.arch == "maskrcnn_resnet50_fpn":
+        # v1 fine-tunes with frozen BatchNorm, as torchvision builds it for pretrained weights
+        norm = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
+        backbone = resnet_fpn_backbone(
+            backbone_name="resnet50", weights=None, norm_layer=norm, trainable_layers=trainable
+        )
+        return MaskRCNN(backbone, num_classes=num_classes, **_common_kwargs(cfg))
+    model = maskrcnn_resnet50_fpn_v2(
+        weights=None, weights_backbone=None, num_classes=num_classes, **_common_kwargs(cfg)
+    )
+    _freeze_resnet_stages(model.backbone.body, trainable)
     return model
 
 
 def _build_tiny(cfg: ModelConfig, num_classes: int, pretrained: bool) -> MaskRCNN:
-    backbone = mobilenet_backbone(
-        backbone_name="mobilenet_v3_large",
-        weights=MobileNet_V3_Large_Weights.IMAGENET1K_V1 if pretrained else None,
-        fpn=True,
-        trainable_layers=cfg.trainable_backbone_layers if pretrained else 6,
-        returned_layers=[4, 5],
-        # from scratch, frozen BN (torchvision's default here) is an identity: train real BN instead
-        norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d,
+    # from scratch, frozen BN would be an identity: train real BN then; pretrained, freeze it as torchvision does
+    features = mobilenet_v3_large(weights=None, norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d).features
+    stage_starts = (
+        [0] + [i for i, block in enumerate(features) if getattr(block, "_is_cn", False)] + [len(features) - 1]
     )
-    channels = backbone.out_channels
-    # small objects at 128-160 px: anchors from 16 px, three levels ("0", "1", "pool")
-    anchors = AnchorGenerator(sizes=((16, 32, 64, 128),) * 3, aspect_ratios=((0.5, 1.0, 2.0),) * 3)
+    trainable = cfg.trainable_backbone_layers if pretrained else len(stage_starts)
+    freeze_before = len(features) if trainable == 0 else stage_starts[len(stage_starts) - trainable]
+    for block in features[:freeze_before]:
+        block.requires_grad_(False)
+    in_channels = [features[int(index)].out_channels for index in TINY_RETURN_LAYERS]
+    backbone = BackboneWithFPN(
+        features, TINY_RETURN_LAYERS, in_channels, TINY_FPN_CHANNELS, extra_blocks=LastLevelMaxPool()
+    )
+    levels = [*TINY_RETURN_LAYERS.values()]
+    anchors = AnchorGenerator(sizes=TINY_ANCHOR_SIZES, aspect_ratios=((0.5, 1.0, 2.0),) * len(TINY_ANCHOR_SIZES))
     return MaskRCNN(
         backbone,
         num_classes=None,  # the predictors below carry the class count
@@ -91,38 +109,44 @@ def _build_tiny(cfg: ModelConfig, num_classes: int, pretrained: bool) -> MaskRCN
         rpn_post_nms_top_n_train=300,
         rpn_pre_nms_top_n_test=300,
         rpn_post_nms_top_n_test=150,
-        box_roi_pool=MultiScaleRoIAlign(featmap_names=["0", "1"], output_size=7, sampling_ratio=2),
-        box_head=TwoMLPHead(channels * 7 * 7, 256),
+        box_roi_pool=MultiScaleRoIAlign(featmap_names=levels, output_size=7, sampling_ratio=2),
+        box_head=TwoMLPHead(TINY_FPN_CHANNELS * 7 * 7, 256),
         box_predictor=FastRCNNPredictor(256, num_classes),
         box_batch_size_per_image=128,
-        mask_roi_pool=MultiScaleRoIAlign(featmap_names=["0", "1"], output_size=14, sampling_ratio=2),
-        mask_head=MaskRCNNHeads(channels, (64, 64), 1),
-        mask_predictor=MaskRCNNPredictor(64, 64, num_classes),
+        mask_roi_pool=MultiScaleRoIAlign(featmap_names=levels, output_size=14, sampling_ratio=2),
+        mask_head=MaskRCNNHeads(TINY_FPN_CHANNELS, (TINY_HEAD_CHANNELS, TINY_HEAD_CHANNELS), 1),
+        mask_predictor=MaskRCNNPredictor(TINY_HEAD_CHANNELS, TINY_HEAD_CHANNELS, num_classes),
         **_common_kwargs(cfg),
     )
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a .pt file: plain tensors only (weights_only=True never runs pickled code)."""
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # an instseg training checkpoint
-    return state
+def _overwrite_frozen_eps(model: nn.Module, eps: float) -> None:
+    for module in model.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            module.eps = eps
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """Mask R-CNN for `num_classes` classes (background included)."""
-    weights = cfg.weights
-    is_path = weights.endswith((".pt", ".pth"))
-    if is_path and not Path(weights).is_file():
-        raise ConfigError(f"model.weights: file not found: {weights}")
-    pretrained = weights.upper() == "DEFAULT"
-    model = _build_tiny(cfg, num_classes, pretrained) if cfg.arch == "tiny" else _build_r50(cfg, num_classes, pretrained)
+    """Mask R-CNN for `num_classes` classes (background included), weights loaded as the config says."""
+    pretrained = not (is_none(cfg.weights) and is_none(cfg.backbone_weights))
+    model = (
+        _build_tiny(cfg, num_classes, pretrained) if cfg.arch == "tiny" else _build_r50(cfg, num_classes, pretrained)
+    )
     if cfg.mask_dice_weight > 0:
         model.roi_heads = DiceRoIHeads.from_heads(model.roi_heads, cfg.mask_dice_weight)
-    if is_path:
-        try:
-            model.load_state_dict(load_state_dict_file(weights))
-        except RuntimeError as exc:
-            raise ConfigError(f"model.weights: {weights} does not fit {cfg.arch} with {num_classes} classes ({str(exc).splitlines()[0]})") from None
+    for key in WEIGHT_KEYS:  # at most one is set (config validation)
+        value = getattr(cfg, key)
+        if is_none(value):
+            continue
+        if is_default(value):
+            source, whole = published(cfg.arch, key)
+            state, name = load_published(source, f"model.{key}"), f"model.{key}=DEFAULT ({source})"
+        else:
+            state, whole, name = load_state_dict_file(value), key == "weights", f"model.{key}={value}"
+        if whole:
+            fit_model_weights(model, state, name)
+            if cfg.arch == "maskrcnn_resnet50_fpn":
+                _overwrite_frozen_eps(model, 0.0)  # torchvision's v1 COCO weights were trained with eps 0
+        else:
+            fit_backbone_weights(model.backbone.body, state, name)
     return model

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -33,6 +33,10 @@ MLFLOW_TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 PIP_REQUIREMENTS = ["torch", "torchvision", "pycocotools", "pydantic", "pyyaml", "pillow", "pandas"]
 
 
+# what promotion records of each model besides FITNESS: mask and box mAP50-95 / mAP50 on the held-out split
+PROMOTION_METRICS = ("val/segm_map", "val/segm_map50", "val/bbox_map", "val/bbox_map50")
+
+
 @dataclass
 class PromotionResult:
     model_name: str
@@ -42,6 +46,8 @@ class PromotionResult:
     champion_fitness: float | None
     promoted: bool
     champion_after: str
+    challenger_metrics: dict[str, float] = field(default_factory=dict)  # PROMOTION_METRICS
+    champion_metrics: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,6 +98,11 @@ def _version_for(client: MlflowClient, model_name: str, alias: str) -> Any | Non
         return None
 
 
+def model_version_run(tracking_uri: str, model_name: str, version: str) -> str:
+    """The id of the run a registered model version was logged from."""
+    return MlflowClient(tracking_uri).get_model_version(model_name, version).run_id
+
+
 def aliases(tracking_uri: str, model_name: str) -> dict[str, str]:
     """alias -> version of a registered model."""
     return {alias: str(version) for alias, version in MlflowClient(tracking_uri).get_registered_model(model_name).aliases.items()}
@@ -137,6 +148,8 @@ def promote(tracking_uri: str, model_name: str, score: Callable[[Path], dict[str
         f"promotion.champion_{FITNESS}": "none" if champion_fit is None else champion_fit,
         "promotion.champion_version": "none" if champion is None else champion.version,
         "promotion.decision": "promoted" if promoted else "kept champion",
+        **{f"promotion.challenger_{key.removeprefix('val/')}": v for key, v in _subset(challenger_metrics).items()},
+        **{f"promotion.champion_{key.removeprefix('val/')}": v for key, v in _subset(champion_metrics).items()},
     }
     for key, value in tags.items():
         client.set_model_version_tag(model_name, challenger.version, key, str(value))
@@ -150,4 +163,10 @@ def promote(tracking_uri: str, model_name: str, score: Callable[[Path], dict[str
         champion_fitness=champion_fit,
         promoted=promoted,
         champion_after=str(challenger.version if promoted else champion.version),
+        challenger_metrics=_subset(challenger_metrics),
+        champion_metrics=_subset(champion_metrics) if champion_metrics else None,
     )
+
+
+def _subset(metrics: dict[str, float] | None) -> dict[str, float]:
+    return {key: float(metrics[key]) for key in PROMOTION_METRICS if key in (metrics or {})}

@@ -53,6 +53,16 @@ def test_flow_tunes_registers_promotes_and_champion_predicts(prefect_server, loc
     version = client.get_model_version("flow-test", "1")
     assert version.run_id == result["tune"]["best_run_id"]
     assert float(version.tags[f"promotion.challenger_{FITNESS}"]) == pytest.approx(result["promotion"]["challenger_fitness"])
+    segm_map = result["promotion"]["challenger_metrics"]["val/segm_map"]
+    assert float(version.tags["promotion.challenger_segm_map"]) == pytest.approx(segm_map)
+
+    # the champion drawn on a validation image: a PNG beside the Ray results and in the champion's run
+    shown = result["showcase"]
+    assert (shown["version"], shown["run_id"]) == ("1", version.run_id)
+    png = Path(shown["path"])
+    assert png.parent == tmp_path / "ray_results" / "champions" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"champion/{png.name}" in {a.path for a in client.list_artifacts(version.run_id, "champion")}
+    assert shown["artifact_uri"] == f"runs:/{version.run_id}/champion/{png.name}"
 
     # the registered model is weights + config: no pickled Python objects anywhere in it
     model_dir = download_bundle(tracking_uri, "models:/flow-test@champion", tmp_path / "dl").parent.parent

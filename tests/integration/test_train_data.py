@@ -6,6 +6,7 @@ import shutil
 import pytest
 from mlflow import MlflowClient
 
+from instseg.cli import main as cli_main
 from instseg.data.formats import convert
 from instseg.metrics.names import FITNESS
 from ray_jobs.train import run_training
@@ -22,6 +23,17 @@ def test_coco8_seg_trains_one_tiny_epoch(local_ray, tiny_config, tmp_path):
     run = MlflowClient(summary.tracking_uri).get_run(summary.run_id)
     assert run.info.status == "FINISHED" and FITNESS in run.data.metrics
     assert json.loads((tmp_path / "coco8" / "annotations" / "instances_val.json").read_text())["categories"][0]["name"] == "person"
+
+
+def test_coco128_seg_trains_after_data_split(local_ray, tiny_config, tmp_path):
+    """COCO128-seg comes as one split (train2017): `instseg data split` gives it the train / val a run needs."""
+    root = tmp_path / "coco128"
+    convert(shared_dataset("coco128-seg"), root, names="coco80")
+    assert cli_main(["data", "split", str(root), "--val", "0.2", "--seed", "0"]) == 0
+    summary = run_training(tiny_config(f"data.root={root}", "train.epochs=1", "data.batch_size=2"))
+    run = MlflowClient(summary.tracking_uri).get_run(summary.run_id)
+    assert run.info.status == "FINISHED" and FITNESS in run.data.metrics
+    assert run.data.params["data.train_split"] == "train" and run.data.params["data.val_split"] == "val"
 
 
 def test_skip_policy_trains_on_a_broken_dataset_and_logs_counts(local_ray, tiny_config, synth_root, tmp_path):

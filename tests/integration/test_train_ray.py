@@ -108,13 +108,11 @@ def _validate_in_workers(loop_config: dict) -> None:
     ray.train.report({**metrics, "detections": float(len(evaluator.results)) if ray.train.get_context().get_world_rank() == 0 else -1.0})
 
 
-def test_two_workers_report_the_metrics_of_one_on_the_same_weights(local_ray, tiny_config, tmp_path):
-    cfg = tiny_config()
-    train_set, _ = build_datasets(cfg.data)
-    torch.manual_seed(0)
-    weights = tmp_path / "weights.pt"
-    torch.save(build_model(cfg.model, train_set.label_map.num_classes).state_dict(), weights)
-    cfg = tiny_config(f"model.weights={weights}")
+def test_two_workers_report_the_metrics_of_one_on_the_same_weights(
+    local_ray, tiny_config, overfit_root, overfit_weights, tmp_path
+):
+    # weights trained on these images: many detections, so the comparison compares something
+    cfg = tiny_config(f"model.weights={overfit_weights}", f"data.root={overfit_root}")
     results = {}
     for workers in (1, 2):
         reports = tmp_path / f"reports-{workers}.jsonl"

@@ -116,9 +116,21 @@ def test_clean_dataset_exits_0_and_usage_errors_exit_2(synth_root, tmp_path, cap
     assert "dataset folder not found" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert cli_main(["data", "check", str(tmp_path / "empty")]) == 2
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(["data", "check"])
-    assert exit_info.value.code == 2
+    assert cli_main(["data", "check"]) == 2
+    assert "needs a dataset PATH (or --config with data.root)" in capsys.readouterr().err
+
+
+def test_check_warns_when_the_configs_splits_are_missing(synth_root, tmp_path, capsys):
+    from tests.conftest import DEMO_CONFIG
+
+    config = tmp_path / "run.yaml"
+    config.write_text(DEMO_CONFIG.read_text().replace("val_split: val ", "val_split: valid"))
+    assert cli_main(["data", "check", str(synth_root), "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: no split 'valid' (data.val_split) in {synth_root} (it has: train, val)" in out
+    assert f"instseg data split {synth_root} --val 0.2" in out and "data.train_split" not in out
+    assert cli_main(["data", "check", str(synth_root)]) == 0
+    assert "warning" not in capsys.readouterr().out
 
 
 def _yolo(root: Path, lines: list[str]) -> Path:

@@ -32,6 +32,19 @@ def test_validation_loss_changes_no_weight_and_no_batchnorm_statistic(synth_root
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items() if "running_mean" in k)
 
 
+def test_validation_loss_does_not_depend_on_or_move_the_random_stream(synth_root, overfit_weights):
+    model = build_model(ModelConfig(arch="tiny", weights="none", min_size=128, max_size=160), 4)
+    model.load_state_dict(torch.load(overfit_weights, weights_only=True))
+    torch.manual_seed(1)
+    first = validation_loss(model, _batches(synth_root), torch.device("cpu"))
+    after = torch.random.get_rng_state()
+    torch.manual_seed(2)
+    again = validation_loss(model, _batches(synth_root), torch.device("cpu"))
+    assert again == first, "the sampling is seeded, not drawn from the stream"
+    torch.manual_seed(1)
+    assert torch.equal(after, torch.random.get_rng_state()), "training's random stream is left where it was"
+
+
 def test_early_stopping_counts_epochs_without_improvement_beyond_min_delta():
     stopper = EarlyStopping(patience=2, min_delta=0.01)
     assert [stopper.step(v, e) for e, v in enumerate([0.10, 0.20, 0.205, 0.209], start=1)] == [False, False, False, True]

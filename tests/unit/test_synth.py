@@ -45,3 +45,15 @@ def test_cli_synth_writes_layout(tmp_path, capsys):
     assert (tmp_path / "s" / "annotations" / "instances_val.json").is_file()
     assert len(list((tmp_path / "s" / "images" / "train").glob("*.jpg"))) == 3
     assert "wrote" in capsys.readouterr().out
+
+
+def test_synthetic_data_records_how_it_was_made(tmp_path):
+    from instseg.data.synth import synthesized_with
+
+    synthesize(tmp_path / "s", images=8, seed=3)
+    assert synthesized_with(tmp_path / "s") == {"images": 8, "seed": 3}
+    assert synthesized_with(tmp_path / "missing") is None
+    (tmp_path / "other" / "annotations").mkdir(parents=True)
+    other = {"info": {"description": "COCO"}, "images": [], "annotations": []}
+    (tmp_path / "other" / "annotations" / "instances_train.json").write_text(json.dumps(other))
+    assert synthesized_with(tmp_path / "other") is None, "only our own synthetic data is ever regenerated"
