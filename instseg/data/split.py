@@ -109,6 +109,14 @@ def split_dataset(
         coco = json.loads(annotation_path(root, source).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"{annotation_path(root, source)}: not readable as JSON ({exc})") from None
+    if (
+        not isinstance(coco, dict)
+        or not isinstance(coco.get("images"), list)
+        or not isinstance(coco.get("annotations"), list)
+    ):
+        raise DataError(
+            f"{annotation_path(root, source)}: not a COCO instances file (needs 'images' and 'annotations' lists)"
+        )
     val_ids = stratified_val_ids(coco, val_fraction, seed, group_by_folder)
     parts = {
         train_split: [i for i in coco["images"] if i["id"] not in val_ids],

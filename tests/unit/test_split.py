@@ -109,3 +109,12 @@ def test_group_by_folder_keeps_a_folder_on_one_side():
     flat = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}], "annotations": []}
     with pytest.raises(DataError, match="every image is in one folder"):
         stratified_val_ids(flat, 0.5, seed=0, group_by_folder=True)
+
+
+def test_split_of_a_file_that_is_not_coco_is_one_line(tmp_path, capsys):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_all.json").write_text('{"images": 3}')
+    assert cli_main(["data", "split", str(tmp_path)]) == 2
+    assert "not a COCO instances file" in capsys.readouterr().err
+    assert cli_main(["data", "split", str(tmp_path / "nowhere")]) == 2
+    assert "no annotations/instances_*.json" in capsys.readouterr().err
