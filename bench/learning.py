@@ -34,7 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def prepare_data(name: str, work: Path, shared: Path) -> Path:
-    """synth (the demo's 256 images), coco128-seg (converted and split 80/20 from ../shared) or a COCO-layout folder."""
+    """synth (the demo's 256 images), coco8-seg / coco128-seg (converted from ../shared; coco128-seg split 80/20) or
+    a COCO-layout folder with train and val splits."""
+    from instseg.data.coco import available_splits
     from instseg.data.formats import convert
     from instseg.data.split import split_dataset
     from instseg.data.synth import synthesize
@@ -45,7 +47,8 @@ def prepare_data(name: str, work: Path, shared: Path) -> Path:
     if name in ("coco8-seg", "coco128-seg"):
         root = work / name
         convert(shared / "datasets" / name, root, names="coco80")
-        split_dataset(root, val_fraction=0.2, seed=0)
+        if "val" not in available_splits(root):  # coco128-seg comes as train2017 only
+            split_dataset(root, val_fraction=0.2, seed=0)
         return root
     return Path(name).resolve()
 
