@@ -39,10 +39,10 @@ def _check(args: argparse.Namespace) -> int:
     from instseg.data.check import check_dataset, format_report, missing_split_warnings
 
     data = load(args.config).data if args.config else None
-    path = Path(args.path or (data.root if data else ""))
-    if not str(path) or str(path) == ".":
+    path = args.path or (data.root if data else None)
+    if path is None:
         raise InstsegError("data check needs a dataset PATH (or --config with data.root)")
-    report = check_dataset(path, fmt=args.format, names=args.names)
+    report = check_dataset(Path(path), fmt=args.format, names=args.names)
     print(format_report(report))
     for warning in missing_split_warnings(report, data):
         print(f"warning: {warning}")

@@ -37,6 +37,9 @@ class DataConfig(_Section):
     persistent_workers: bool = True  # applied only when num_workers > 0
 
 
+WEIGHT_KEYS = ("weights", "backbone_weights")  # ModelConfig keys that name a weights source
+
+
 class ModelConfig(_Section):
     arch: Literal["maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn", "tiny"] = "maskrcnn_resnet50_fpn_v2"
     weights: str = "DEFAULT"
@@ -51,7 +54,7 @@ class ModelConfig(_Section):
     mask_dice_weight: float = Field(0.0, ge=0.0)
     sync_batchnorm: bool = False
 
-    @field_validator("weights", "backbone_weights")
+    @field_validator(*WEIGHT_KEYS)
     @classmethod
     def _weights_known(cls, value: str) -> str:
         if value.upper() in ("DEFAULT", "NONE") or value.endswith((".pt", ".pth")):
@@ -316,7 +319,7 @@ def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
     if "://" not in storage:
         storage = str((base / storage).resolve())
     weights = {}
-    for key in ("weights", "backbone_weights"):
+    for key in WEIGHT_KEYS:
         value = getattr(cfg.model, key)
         weights[key] = str((base / value).resolve()) if value.endswith((".pt", ".pth")) else value
     return cfg.model_copy(

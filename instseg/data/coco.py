@@ -29,6 +29,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision.io import ImageReadMode, decode_image, read_file
 
+from instseg.data.formats import available_splits
 from instseg.data.validation import Problem, validate_annotations
 from instseg.errors import DataError
 
@@ -82,12 +83,6 @@ def coco_from_dict(dataset: dict[str, Any]) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
-
-
-def available_splits(root: str | Path) -> list[str]:
-    """The splits with an annotation file under ROOT/annotations, sorted."""
-    files = (Path(root) / "annotations").glob("instances_*.json")
-    return sorted(file.name[len("instances_") : -len(".json")] for file in files)
 
 
 def check_dataset_root(root: str | Path, splits: tuple[str, ...]) -> None:

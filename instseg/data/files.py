@@ -1,13 +1,14 @@
-"""Writing dataset folders: built beside their destination and moved into place only when complete."""
+"""Writing files and folders whole or not at all: built beside their destination, moved into place when complete."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 @contextmanager
@@ -32,3 +33,15 @@ def link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
+
+
+def atomic_write_json(path: Path, data: Any, indent: int | None = None) -> None:
+    """JSON to a temp file beside `path`, then renamed over it: a crash leaves the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=indent)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

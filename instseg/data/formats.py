@@ -52,7 +52,7 @@ class SplitData:
 
 
 def detect_format(root: Path) -> str:
-    if (root / "annotations").is_dir() and list((root / "annotations").glob("instances_*.json")):
+    if available_splits(root):
         return "coco"
     if list(root.glob(f"*/{ROBOFLOW_JSON}")):
         return "roboflow"
@@ -83,10 +83,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def available_splits(root: str | Path) -> list[str]:
+    """The splits of instseg's COCO layout at ROOT: those with an annotations/instances_{split}.json, sorted."""
+    files = (Path(root) / "annotations").glob("instances_*.json")
+    return sorted(file.name[len("instances_") : -len(".json")] for file in files)
+
+
 def read_coco(root: Path) -> dict[str, SplitData]:
     splits = {}
-    for ann_file in sorted((root / "annotations").glob("instances_*.json")):
-        split = ann_file.stem[len("instances_") :]
+    for split in available_splits(root):
+        ann_file = root / "annotations" / f"instances_{split}.json"
         image_dir = next((d for d in (root / "images" / split, root / split) if d.is_dir()), root / "images" / split)
         coco = _read_json(ann_file)
         files = {int(img["id"]): image_dir / img["file_name"] for img in coco["images"] if "id" in img and "file_name" in img}

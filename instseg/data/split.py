@@ -12,15 +12,14 @@ replaced only with `--overwrite`.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from instseg.data.coco import annotation_path, available_splits
-from instseg.data.files import link_or_copy, staged_folder
+from instseg.data.coco import annotation_path
+from instseg.data.files import atomic_write_json, link_or_copy, staged_folder
+from instseg.data.formats import available_splits
 from instseg.errors import DataError
 
 
@@ -141,7 +140,4 @@ def _write_split(root: Path, source: str, split: str, coco: dict[str, Any]) -> N
             target = staging / image["file_name"]
             target.parent.mkdir(parents=True, exist_ok=True)
             link_or_copy(origin, target)
-    fd, tmp = tempfile.mkstemp(prefix=f".instances_{split}.", dir=root / "annotations")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(coco, handle)
-    os.replace(tmp, annotation_path(root, split))
+    atomic_write_json(annotation_path(root, split), coco)

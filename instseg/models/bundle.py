@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from instseg.config import ModelConfig
+from instseg.config import WEIGHT_KEYS, ModelConfig
 from instseg.data.coco import LabelMap
+from instseg.data.files import atomic_write_json
 from instseg.engine.checkpoint import atomic_torch_save, load_checkpoint
 from instseg.errors import InstsegError
 from instseg.models.factory import build_model
-from instseg.models.weights import WEIGHT_KEYS, load_state_dict_file
+from instseg.models.weights import load_state_dict_file
 
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "model.json"
@@ -34,10 +34,7 @@ def write_bundle(folder: Path, state_dict: dict[str, torch.Tensor], model_cfg: d
     # the architecture only: the weights are in the bundle, nothing is fetched or loaded from elsewhere
     architecture = {**model_cfg, **dict.fromkeys(WEIGHT_KEYS, "none")}
     meta = {"model": architecture, "label_map": label_map, "metrics": metrics or {}}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{META_FILE}.")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(meta, handle, indent=2)
-    os.replace(tmp, folder / META_FILE)
+    atomic_write_json(folder / META_FILE, meta, indent=2)
     return folder
 
 

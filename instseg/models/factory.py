@@ -24,11 +24,10 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from instseg.config import ModelConfig
+from instseg.config import WEIGHT_KEYS, ModelConfig
 from instseg.errors import ConfigError
 from instseg.models.dice_heads import DiceRoIHeads
 from instseg.models.weights import (
-    WEIGHT_KEYS,
     fit_backbone_weights,
     fit_model_weights,
     is_default,

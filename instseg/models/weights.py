@@ -20,13 +20,15 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, WeightsEnum
-from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights, MaskRCNN_ResNet50_FPN_Weights
+from torchvision.models.detection import (
+    MaskRCNN_ResNet50_FPN_V2_Weights,
+    MaskRCNN_ResNet50_FPN_Weights,
+)
 
-from instseg.config import ModelConfig
+from instseg.config import WEIGHT_KEYS, ModelConfig
 from instseg.errors import ConfigError
 
 OFFLINE_ENV = "INSTSEG_OFFLINE"
-WEIGHT_KEYS = ("weights", "backbone_weights")  # ModelConfig keys that name a weights source
 # the class-specific layers: re-initialised when a file was trained for another number of classes
 CLASS_HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
 _LISTED_KEYS = 4  # keys named in an error before "and N more"
