@@ -30,7 +30,7 @@ def _bin_dir() -> str:
         return f"{folder}/"
 
 
-def print_summary(result: dict[str, Any], elapsed: float, data_root: str, val_split: str) -> None:
+def print_summary(result: dict[str, Any], elapsed: float, data_root: str, val_split: str, tracking_uri: str) -> None:
     tuned = TuneSummary.from_dict(result["tune"])
     reg, promo = result["registration"], result["promotion"]
     print("\n" + "=" * 78)
@@ -45,7 +45,7 @@ def print_summary(result: dict[str, Any], elapsed: float, data_root: str, val_sp
         previous = f"{promo['champion_fitness']:.5f} (v{promo['champion_version']})"
     print(f"promotion        challenger {promo['challenger_fitness']:.5f} vs champion {previous}: "
           f"{'promoted' if promo['promoted'] else 'kept champion'}")
-    print(f"aliases          {aliases(reg['tracking_uri'], reg['model_name'])}")
+    print(f"aliases          {aliases(tracking_uri, reg['model_name'])}")
     champion = promo["challenger_metrics"] if promo["promoted"] else promo["champion_metrics"] or {}
     if champion:
         print(f"champion         v{promo['champion_after']} on the {val_split} split: "
@@ -98,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with one_prefect_api():
         init_ray(cfg.ray.address)
         result = tune_register_promote(config_path=args.config, overrides=args.overrides)
-    print_summary(result, time.perf_counter() - started, os.path.relpath(cfg.data.root), cfg.data.val_split)
+    elapsed = time.perf_counter() - started
+    print_summary(result, elapsed, os.path.relpath(cfg.data.root), cfg.data.val_split, cfg.tracking.uri)
     return 0
 
 

@@ -20,6 +20,7 @@ from prefect_ray import RayTaskRunner
 from flows.pipeline import tune_register_promote
 from instseg.config import load
 from instseg.errors import ConfigError
+from instseg.redaction import redact
 from ray_jobs.cli_common import config_parser, run_cli
 
 DEPLOYMENT_NAME = "instseg-scheduled-tuning"
@@ -47,6 +48,13 @@ def build_deployment(
         raise ConfigError("give exactly one schedule: --cron, --interval-minutes or --rrule")
     config_file = str(Path(config_path).resolve())
     load(config_file, list(overrides))
+    secret = next((o for o in overrides if redact(o) != o), None)
+    if secret is not None:
+        raise ConfigError(
+            f"override '{redact(secret)}' holds credentials, and Prefect stores a deployment's parameters: give "
+            "them to the process that serves the flow instead (MLFLOW_TRACKING_URI, or MLFLOW_TRACKING_USERNAME / "
+            "_PASSWORD)"
+        )
     return flow_on_ray(ray_address).to_deployment(
         name=name,
         cron=cron,

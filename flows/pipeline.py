@@ -39,16 +39,16 @@ def register_task(config: dict[str, Any], tuned: dict[str, Any]) -> dict[str, An
     cfg = Config.model_validate(config)
     summary = TuneSummary.from_dict(tuned)
     with tempfile.TemporaryDirectory(prefix="instseg-register-") as tmp:
-        bundle = download_bundle(summary.tracking_uri, summary.best_bundle_uri, Path(tmp))
+        bundle = download_bundle(cfg.tracking.uri, summary.best_bundle_uri, Path(tmp))
         version = register_bundle(
-            summary.tracking_uri,
+            cfg.tracking.uri,
             summary.best_run_id,
             bundle,
             cfg.registry.model_name,
             tags={"study_run_id": summary.parent_run_id, "trial_id": summary.best_trial_id, "tune_fitness": summary.best_fitness},
         )
     get_run_logger().info("registered %s version %s (challenger)", cfg.registry.model_name, version)
-    return {"model_name": cfg.registry.model_name, "version": version, "tracking_uri": summary.tracking_uri}
+    return {"model_name": cfg.registry.model_name, "version": version, "tracking_uri": summary.tracking_uri}  # redacted
 
 
 @task(name="promote")
@@ -59,7 +59,7 @@ def promote_task(config: dict[str, Any], registered: dict[str, Any]) -> dict[str
         model, label_map, _ = load_bundle(bundle_dir)
         return evaluate_on_split(model, label_map, cfg.data, cfg.data.val_split, cfg.metrics.fitness_weights)
 
-    result = promote(registered["tracking_uri"], registered["model_name"], score)
+    result = promote(cfg.tracking.uri, registered["model_name"], score)
     get_run_logger().info(
         "challenger v%s fitness %.5f vs champion %s: %s",
         result.challenger_version,
@@ -71,10 +71,11 @@ def promote_task(config: dict[str, Any], registered: dict[str, Any]) -> dict[str
 
 
 @task(name="showcase")
-def showcase_task(config: dict[str, Any], promoted: dict[str, Any], tracking_uri: str) -> dict[str, Any]:
+def showcase_task(config: dict[str, Any], promoted: dict[str, Any]) -> dict[str, Any]:
     """One validation image with the champion's masks drawn beside its ground truth, logged to the champion's
     run (artifact champion/) and kept under the Ray storage path when that is a local folder."""
     cfg = Config.model_validate(config)
+    tracking_uri = cfg.tracking.uri
     name, version = promoted["model_name"], promoted["champion_after"]
     with tempfile.TemporaryDirectory(prefix="instseg-showcase-") as tmp:
         bundle = download_bundle(tracking_uri, f"models:/{name}/{version}", Path(tmp) / "bundle")
@@ -111,5 +112,5 @@ def tune_register_promote(config_path: str | None = None, overrides: list[str] |
         registered = register_task.submit(config, tuned).result()
     with remote_options(num_cpus=PROMOTION_CPUS):
         promoted = promote_task.submit(config, registered).result()
-        shown = showcase_task.submit(config, promoted, registered["tracking_uri"]).result()
+        shown = showcase_task.submit(config, promoted).result()
     return {"tune": tuned, "registration": registered, "promotion": promoted, "showcase": shown}

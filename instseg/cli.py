@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Sequence
 
 from instseg.data.formats import FORMATS
-from instseg.errors import InstsegError
+from instseg.errors import INTERRUPTED_EXIT, InstsegError, report_unexpected
+from instseg.redaction import redact
 
 
 def _synth(args: argparse.Namespace) -> int:
     from instseg.data.synth import synthesize
 
-    counts = synthesize(args.out, images=args.images, seed=args.seed)
+    counts = synthesize(args.out, images=args.images, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {args.out}: {json.dumps(counts)}")
     return 0
 
@@ -28,7 +29,7 @@ def _synth(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from instseg.data.formats import convert
 
-    counts = convert(Path(args.src), Path(args.dst), fmt=args.format, names=args.names)
+    counts = convert(Path(args.src), Path(args.dst), fmt=args.format, names=args.names, overwrite=args.overwrite)
     for split, c in counts.items():
         print(f"{split}: {c['images']} images, {c['instances']} instances, {c['classes']} classes -> {args.dst}")
     return 0
@@ -65,7 +66,7 @@ def _split(args: argparse.Namespace) -> int:
 def _download(args: argparse.Namespace) -> int:
     from instseg.data.download import download
 
-    folder = download(args.name, Path(args.dest), url=args.url, sha256=args.sha256)
+    folder = download(args.name, Path(args.dest), url=args.url, sha256=args.sha256, insecure=args.insecure)
     print(f"{args.name} ready at {folder}")
     return 0
 
@@ -73,22 +74,13 @@ def _download(args: argparse.Namespace) -> int:
 def _metrics(args: argparse.Namespace) -> int:
     from instseg.config import MetricsConfig
     from instseg.data.coco import load_coco
-    from instseg.errors import DataError
+    from instseg.data.schema import check_results, read_json_file
     from instseg.metrics.report import evaluate_results, write_report
 
-    for path in (args.gt, args.results):
-        if not Path(path).is_file():
-            raise DataError(f"file not found: {path}")
     coco_gt = load_coco(Path(args.gt))
-    try:
-        results = json.loads(Path(args.results).read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{args.results}: not JSON ({exc})") from None
-    if not isinstance(results, list):
-        raise DataError(f"{args.results}: a COCO results file is a JSON list of detections")
-    unknown = {r.get("image_id") for r in results} - set(coco_gt.getImgIds())
-    if unknown:
-        raise DataError(f"{args.results}: image ids not in {args.gt}: {sorted(unknown)[:5]}")
+    results = check_results(
+        read_json_file(Path(args.results)), args.results, coco_gt.imgs, set(coco_gt.getCatIds()), args.iou_type
+    )
     report, curves, matrix = evaluate_results(coco_gt, results, args.iou_type, MetricsConfig().fitness_weights, args.conf, args.iou)
     names = [coco_gt.cats[c]["name"] for c in sorted(coco_gt.getCatIds())]
     files = write_report(Path(args.out), report, curves, matrix, names)
@@ -104,6 +96,23 @@ def _predict(args: argparse.Namespace) -> int:
 
     summary = predict(args.model, args.images, args.out, tracking_uri=args.tracking_uri)
     print(f"{summary['detections']} detections on {summary['images']} images -> {summary['out']}")
+    return 0
+
+
+OVERWRITE_HELP = "replace a non-empty output folder that instseg did not write (swapped in only when complete)"
+
+
+def _runs_clean(args: argparse.Namespace) -> int:
+    from instseg.config import absolute_tracking_uri, load
+    from instseg.tracking.liveness import close_orphaned_runs
+
+    cfg = load(args.config) if args.config else None
+    uri = absolute_tracking_uri(args.tracking_uri or (cfg.tracking.uri if cfg else None))
+    experiments = [args.experiment] if args.experiment else ([cfg.tracking.experiment] if cfg else None)
+    closed = close_orphaned_runs(uri, experiments)
+    for run_id, name, note in closed:
+        print(f"{run_id} '{name}': {note}")
+    print(f"{len(closed)} run(s) marked KILLED in {redact(uri)}")
     return 0
 
 
@@ -123,19 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("out", help="output folder (images/{train,val}, annotations/instances_{train,val}.json)")
     synth.add_argument("--images", type=int, default=48, help="number of images in all (default 48, 1/4 for val)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     synth.set_defaults(handler=_synth)
 
     conv = data.add_parser("convert", help="convert COCO / Roboflow / YOLO-seg to instseg's COCO layout")
     conv.add_argument("src", help="source dataset folder")
     conv.add_argument("dst", help="output folder (annotations/instances_{split}.json + images/{split}/)")
     _add_format_options(conv)
+    conv.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     conv.set_defaults(handler=_convert)
 
     down = data.add_parser("download", help="download a public dataset and convert it (coco8-seg, coco128-seg)")
     down.add_argument("name", help="dataset name: coco8-seg or coco128-seg")
     down.add_argument("--dest", default="data", help="parent folder (default data/; the dataset lands in DEST/NAME)")
     down.add_argument("--url", default=None, help="download from this URL instead (a mirror)")
-    down.add_argument("--sha256", default=None, help="expected sha256 of the zip")
+    down.add_argument("--sha256", default=None, help="expected sha256 of the zip (default: the pinned one)")
+    down.add_argument("--insecure", action="store_true", help="accept a zip without a sha256 to check it against")
     down.set_defaults(handler=_download)
 
     check = data.add_parser("check", help="summarise a dataset and list every problem (exit 1 if any)")
@@ -154,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--val-split", default="val", help="name of the new validation split (default val)")
     split.add_argument("--overwrite", action="store_true", help="replace existing splits of those names")
     split.set_defaults(handler=_split)
+
+    runs = commands.add_parser("runs", help="MLflow runs").add_subparsers(dest="runs_command", required=True)
+    clean = runs.add_parser("clean", help="mark KILLED every RUNNING run whose driver is gone (SIGKILL, lost machine)")
+    clean.add_argument("--config", default=None, help="a run config: its tracking.uri and tracking.experiment")
+    clean.add_argument(
+        "--tracking-uri", default=None, help="MLflow URI (default: the config's, else MLFLOW_TRACKING_URI)"
+    )
+    clean.add_argument("--experiment", default=None, help="only this experiment (default: the config's, else all)")
+    clean.set_defaults(handler=_runs_clean)
 
     met = commands.add_parser("metrics", help="evaluate a COCO results file: metrics.json + plots")
     met.add_argument("gt", help="COCO ground truth JSON")
@@ -178,11 +199,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except InstsegError as exc:
-        print(f"instseg: error: {exc}", file=sys.stderr)
+        print(f"instseg: error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
-    except ValueError as exc:
-        print(f"instseg: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("instseg: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except Exception as exc:  # noqa: BLE001 (our bug: one line, the traceback in a log file)
+        return report_unexpected(exc, "instseg")
 
 
 if __name__ == "__main__":

@@ -8,19 +8,34 @@ the entry points turn it into one line on stderr and exit status 2.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from instseg.errors import ConfigError
+from instseg.redaction import redact
 
 
 class _Section(BaseModel):
     # extra="forbid" turns a typo in a key into an error instead of a silently ignored setting
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads `epochs: true` as 1; YAML's true/yes/on is a bool, never a count
+        annotation = cls.model_fields[info.field_name].annotation if info.field_name else None
+        if isinstance(value, bool) and bool not in (annotation, *get_args(annotation)) and annotation is not Any:
+            raise ValueError(f"expected a {_type_name(annotation)}, got the boolean {str(value).lower()}")
+        return value
+
+
+def _type_name(annotation: Any) -> str:
+    names = {int: "whole number", float: "number", str: "string"}
+    options = [a for a in (get_args(annotation) or (annotation,)) if a is not type(None)]
+    return " or ".join(dict.fromkeys(names.get(a, "value") for a in options))
 
 
 class DataConfig(_Section):
@@ -180,7 +195,8 @@ def _describe_errors(errors: list[dict[str, Any]], source: str) -> str:
     """One line for the first failing key; a union's branch messages are joined with 'or'."""
     first = errors[0]
     path = _field_path(first["loc"])
-    messages = list(dict.fromkeys(e["msg"] for e in errors if _field_path(e["loc"])[: len(path)] == path))
+    same_key = [e for e in errors if _field_path(e["loc"])[: len(path)] == path]
+    messages = list(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in same_key))
     return _describe_error({**first, "loc": path, "msg": " or ".join(messages)}, source)
 
 
@@ -244,6 +260,8 @@ def load(path: str | os.PathLike[str] | None = None, overrides: list[str] | tupl
             raise ConfigError(f"config file not found: {file} (try configs/demo.yaml)")
         try:
             raw = yaml.safe_load(file.read_text()) or {}
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{file}: cannot read it as text ({exc})") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{file}: not valid YAML: {exc}".splitlines()[0]) from None
         if not isinstance(raw, dict):
@@ -273,11 +291,6 @@ def with_values(cfg: Config, values: dict[str, Any]) -> Config:
     return validate(raw, "search space")
 
 
-def redact(value: Any) -> Any:
-    """Drop `user:password@` from URIs so that credentials never reach params or logs."""
-    return re.sub(r"(://)[^/@\s]+@", r"\1***@", value) if isinstance(value, str) else value
-
-
 def flatten(cfg: Config) -> dict[str, Any]:
     """Dotted key -> scalar, for MLflow params (lists and dicts become their string form; URIs redacted)."""
     flat: dict[str, Any] = {}
@@ -287,7 +300,8 @@ def flatten(cfg: Config) -> dict[str, Any]:
             for key, value in node.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), value)
         else:
-            flat[prefix] = redact(node) if isinstance(node, (int, float, str, bool)) or node is None else str(node)
+            scalar = isinstance(node, (int, float, str, bool)) or node is None
+            flat[prefix] = redact(node) if scalar else redact(str(node))
 
     walk("", cfg.model_dump())
     return flat

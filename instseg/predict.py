@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -13,6 +12,7 @@ from torch import nn
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 from instseg.data.coco import LabelMap
+from instseg.data.files import atomic_write_json
 from instseg.engine.checkpoint import CHECKPOINT_FILE
 from instseg.errors import InstsegError
 from instseg.metrics.coco_eval import to_coco_results
@@ -76,8 +76,5 @@ def predict(model: str, images: Sequence[str], out: str | os.PathLike[str], trac
         net, label_map, _ = load_bundle(resolve_bundle(model, Path(tmp), tracking_uri))
     results = predict_paths(net, label_map, images)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.tmp")
-    tmp_out.write_text(json.dumps(results))
-    tmp_out.replace(out)
+    atomic_write_json(out, results)
     return {"images": len(images), "detections": len(results), "out": str(out)}

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from instseg.config import Config, load, resolve_paths
-from instseg.errors import InstsegError
+from instseg.errors import INTERRUPTED_EXIT, InstsegError, report_unexpected
+from instseg.redaction import redact
+
+# what Ray raises when the training itself failed (a worker error, lost nodes beyond max_failures)
+FAILED_RUN_ERRORS = ("TrainingFailedError", "TuneError", "RayTaskError", "RayActorError")
 
 
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -26,8 +31,12 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     try:
         return main(argv)
     except InstsegError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT
+    except Exception as exc:  # noqa: BLE001 (a failed run, or our bug: one line, the traceback in a log file)
+        prog = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "instseg"
+        failed_run = type(exc).__name__ in FAILED_RUN_ERRORS
+        return report_unexpected(exc, prog, "run failed" if failed_run else "internal error")

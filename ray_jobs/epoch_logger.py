@@ -5,23 +5,79 @@ callbacks, so a metric step exists in MLflow exactly when the checkpoint of that
 killed mid-epoch, or before the controller took its report, leaves neither, and the restarted epoch
 logs its step once. Under Tune this callback runs before TuneReportCallback, so a trial that the
 scheduler stops on this report still has the report's metrics in its run.
+
+An MLflow outage does not stop training: a report that cannot be logged quickly is kept, in order, and
+sent before the next one; the last report of a run waits for the server (up to OUTAGE_WAIT_S). More than
+MAX_PENDING_EPOCHS unsent epochs end the run with an error that says so (the controller is not retried by
+Ray, so an exception here would otherwise end the run whatever ray.max_failures says: nothing else raises).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ray.train import Checkpoint, UserCallback
 
-from instseg.metrics.names import EPOCH
-from instseg.tracking.runs import RunLogger
+from instseg.metrics.names import EARLY_STOPPED, EPOCH
+from instseg.redaction import redact
+from instseg.tracking.runs import RunLogger, quick_requests
+
+MAX_PENDING_EPOCHS = 100
+OUTAGE_WAIT_S = 600.0  # the last report of a run waits this long for an unreachable server
+RETRY_EVERY_S = 5.0
+
+
+class MetricsBacklogFull(RuntimeError):
+    """The tracking server stayed unreachable for more epochs than the buffer holds."""
 
 
 class EpochMetricsLogger(UserCallback):
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
+    def __init__(self, tracking_uri: str, run_id: str, epochs: int, max_pending: int = MAX_PENDING_EPOCHS) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.epochs = epochs
+        self.max_pending = max_pending
+        self.pending: list[tuple[int, dict[str, Any]]] = []  # (epoch, metrics) not yet in MLflow, oldest first
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Checkpoint | None) -> None:
         values = metrics[0]  # rank 0: every rank reports the same, already reduced, values
-        RunLogger(self.tracking_uri, self.run_id).log_metrics(values, step=int(values[EPOCH]))
+        epoch = int(values[EPOCH])
+        self.pending.append((epoch, values))
+        last = epoch >= self.epochs or bool(values.get(EARLY_STOPPED))
+        deadline = time.monotonic() + (OUTAGE_WAIT_S if last else 0.0)
+        while not self._flush():
+            if len(self.pending) > self.max_pending:
+                raise MetricsBacklogFull(
+                    self._unreachable(f"for {len(self.pending)} epochs, more than the {self.max_pending} kept")
+                )
+            if time.monotonic() >= deadline:
+                if last:
+                    raise MetricsBacklogFull(self._unreachable(f"at the end of the run (waited {OUTAGE_WAIT_S:.0f} s)"))
+                print(
+                    f"MLflow unreachable: epoch {epoch}'s metrics are kept and sent when it answers "
+                    f"({len(self.pending)} epoch(s) waiting)",
+                    flush=True,
+                )
+                return
+            time.sleep(RETRY_EVERY_S)
+
+    def _flush(self) -> bool:
+        """Send the waiting epochs in order; True when none is left."""
+        logger = RunLogger(self.tracking_uri, self.run_id)
+        while self.pending:
+            epoch, values = self.pending[0]
+            try:
+                with quick_requests():
+                    logger.log_metrics(values, step=epoch)
+            except Exception:  # noqa: BLE001 (whatever the client raises for an unreachable server)
+                return False
+            self.pending.pop(0)
+        return True
+
+    def _unreachable(self, how_long: str) -> str:
+        epochs = [epoch for epoch, _ in self.pending]
+        return (
+            f"the MLflow server at {redact(self.tracking_uri)} was unreachable {how_long}: epochs {epochs} of run "
+            f"{self.run_id} are not in MLflow (their checkpoints are saved; rerun with the same run_name to resume)"
+        )

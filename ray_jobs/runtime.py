@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from typing import Any
 
 import ray
 
@@ -16,3 +19,16 @@ def init_ray(address: str | None = None, **kwargs) -> None:
         return
     target = address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=target, log_to_driver=True, **kwargs)
+    stop_on_sigterm()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (`ray job stop`, a scheduler, `kill`) ends a driver the way Ctrl-C does: its runs are closed as
+    KILLED with the resume hint. Ray's own handler, installed by ray.init, prints a native stack dump and
+    aborts, which reads like a crash."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from instseg.errors import ConfigError, InstsegError
+from instseg.redaction import redact, redact_tree
 
 # The entry points print this before their summary as one JSON line, so a job's caller can read it back.
 RESULT_MARKER = "instseg-result: "
@@ -48,8 +49,8 @@ class JobOutcome:
 
 
 def print_result(summary: dict[str, Any]) -> None:
-    """Entry points: the summary as the one line submit_job reads back."""
-    print(RESULT_MARKER + json.dumps(summary, default=str), flush=True)
+    """Entry points: the summary as the one line submit_job reads back (credentials redacted)."""
+    print(RESULT_MARKER + json.dumps(redact_tree(summary), default=str), flush=True)
 
 
 def parse_logs(text: str) -> tuple[str | None, dict[str, Any] | None]:
@@ -108,9 +109,9 @@ def submit_job(
             if "No available agent" in reason and time.monotonic() < deadline:
                 time.sleep(poll_s)
                 continue
-            raise JobSubmitError(f"could not submit to {address}: {reason}") from exc
+            raise JobSubmitError(f"could not submit to {redact(address)}: {redact(reason)}") from exc
     if on_line is not None:
-        on_line(f"submitted job {job_id} to {address}")
+        on_line(f"submitted job {job_id} to {redact(address)}")
         asyncio.run(_follow(client, job_id, on_line))
     while (status := str(client.get_job_status(job_id))) not in TERMINAL:
         time.sleep(poll_s)
@@ -140,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not entrypoint:
         parser.error("give the command to run after --")
     outcome = submit_job(entrypoint, address=args.address, runtime_env=load_runtime_env(args.runtime_env, args.working_dir))
-    print(json.dumps(outcome.to_dict(), indent=2, default=str))
+    print(json.dumps(redact_tree(outcome.to_dict()), indent=2, default=str))
     return 0 if outcome.succeeded else 1
 
 

@@ -16,6 +16,8 @@ from typing import Sequence
 
 from instseg.config import Config
 from instseg.metrics.names import FITNESS
+from instseg.redaction import redact
+from instseg.tracking.liveness import Heartbeat
 from instseg.tracking.runs import resolve_tracking_uri
 from ray_jobs.cli_common import config_parser, load_config, run_cli
 from ray_jobs.runtime import init_ray
@@ -30,10 +32,11 @@ def run_training(cfg: Config) -> TrainSummary:
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     name = cfg.run_name or time.strftime("train-%Y%m%d-%H%M%S")
     run_id, resumed = open_train_run(cfg, tracking_uri, name)
-    print(f"{'resuming' if resumed else 'started'} MLflow run {run_id} '{name}' ({tracking_uri})", flush=True)
+    print(f"{'resuming' if resumed else 'started'} MLflow run {run_id} '{name}' ({redact(tracking_uri)})", flush=True)
     trainer = build_trainer(cfg, tracking_uri=tracking_uri, run_id=run_id, name=name)
     try:
-        return fit_and_log(trainer, tracking_uri, run_id)
+        with Heartbeat(tracking_uri, run_id):
+            return fit_and_log(trainer, tracking_uri, run_id)
     except KeyboardInterrupt:
         print(f"stopped; the same command with run_name={name} resumes from the latest checkpoint", file=sys.stderr, flush=True)
         raise

@@ -21,20 +21,21 @@ import torch
 from instseg.config import Config, flatten
 from instseg.data.loaders import build_datasets, build_loader, group_by_aspect_ratio
 from instseg.engine.checkpoint import load_checkpoint, save_checkpoint
-from instseg.engine.precision import apply_backend_flags, resolve_precision
-from instseg.engine.early_stopping import EarlyStopping
 from instseg.engine.distributed import evaluate_sharded, from_rank_zero, gather_to_all, mean_across_ranks
+from instseg.engine.early_stopping import EarlyStopping
 from instseg.engine.loops import train_one_epoch, validation_loss
 from instseg.engine.optim import build_optimizer, build_scheduler
+from instseg.engine.precision import apply_backend_flags, resolve_precision
 from instseg.metrics.coco_eval import CocoEvaluator
 from instseg.metrics.fitness import fitness
 from instseg.metrics.names import EARLY_STOPPED, EPOCH, FITNESS, TRAIN_LOSS_KEYS
 from instseg.metrics.report import curve_metrics, write_training_plots
 from instseg.models import build_model
+from instseg.redaction import redact_tree
 from instseg.tracking.runs import RunLogger
 
-
 PLOTTED_IMAGES = 8  # validation images in the predictions grid
+PLOTTED_LOSSES = ("train/loss", "val/loss", *(f"train/{k}" for k in TRAIN_LOSS_KEYS))  # per epoch, in loss_curves.png
 OVERLAY_SCORE = 0.25  # detections drawn on them: Ultralytics' plotting threshold
 RESUMED_TAG = "instseg.resumed_from_epochs"  # every checkpoint epoch the run restarted from, in order
 NODES_TAG = "instseg.worker_nodes"  # Ray node id of each rank, in rank order, at the latest (re)start
@@ -80,6 +81,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         logger.set_tags({NODES_TAG: ",".join(nodes)})
 
     start_epoch = 0
+    # the plotted losses per epoch travel in the checkpoints: the plots never depend on what MLflow has
+    # received (during an outage, the controller holds epochs back)
+    history: dict[str, list[tuple[int, float]]] = {key: [] for key in PLOTTED_LOSSES}
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
@@ -90,12 +94,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         precision.load_scaler_state(state.get("scaler", {}))
         stopper.load_state_dict(state.get("early_stopping", {}))
         start_epoch = int(state["epoch"])
+        history.update({key: [tuple(point) for point in points] for key, points in state.get("history", {}).items()})
         if logger is not None:
             _record_resume(logger, state)
     elif logger is not None:
         _log_run_setup(logger, cfg, world_size, label_map, train_set, val_set)
 
     val_loader = build_loader(val_set, cfg.data, shuffle=False)
+    stored_config = redact_tree(cfg.model_dump())  # checkpoints and bundles travel: no credentials in them
     evaluator = CocoEvaluator(val_set.coco, label_map)
     for epoch in range(start_epoch, cfg.train.epochs):
         started = time.perf_counter()
@@ -120,18 +126,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             FITNESS: fit,
         }
         last = stop or epoch + 1 == cfg.train.epochs
+        for key in PLOTTED_LOSSES:
+            history[key].append((epoch + 1, float(metrics[key])))
         if logger is not None:
             _print_epoch(metrics, cfg, epoch + 1)
             if last:
                 # before the last report: under Tune that report ends the trial and its workers
-                _log_plots(logger, metrics, curves, label_map, val_set, evaluator)
+                _log_plots(logger, history, curves, label_map, val_set, evaluator)
             if stop:
                 print(f"early stopping: {stopper.reason}", flush=True)
                 logger.set_tags({"instseg.early_stopped": "true", "instseg.stop_reason": stopper.reason, "instseg.stopped_epoch": epoch + 1})
         state = {
-            "model": core, "optimizer": optimizer, "scheduler": scheduler, "epoch": epoch + 1, "config": cfg.model_dump(),
+            "model": core, "optimizer": optimizer, "scheduler": scheduler, "epoch": epoch + 1, "config": stored_config,
             "label_map": label_map.to_dict(), "metrics": metrics, "early_stopping": stopper.state_dict(),
-            "scaler": precision.scaler_state(),
+            "scaler": precision.scaler_state(), "history": history,
         }
         report_epoch(metrics, state if rank == 0 else None, epoch + 1)
         if stop:
@@ -166,7 +174,7 @@ def _log_run_setup(logger: RunLogger, cfg: Config, world_size: int, label_map: A
     """Rank 0 of a fresh run: params (with the world size and the scaled LR), config, classes, skips."""
     logger.log_params({**flatten(cfg), "ray.world_size": world_size, "train.global_batch": cfg.global_batch(),
                        "train.effective_lr": cfg.effective_lr(), "torch.num_threads": torch.get_num_threads()})
-    logger.log_dict(cfg.model_dump(), "config.yaml")
+    logger.log_dict(redact_tree(cfg.model_dump()), "config.yaml")
     logger.log_dict(label_map.to_dict(), "label_map.json")
     skipped = {f"data/skipped_{split}_{kind}": n for split, ds in (("train", train_set), ("val", val_set)) for kind, n in ds.skipped.items()}
     if skipped:
@@ -190,15 +198,10 @@ def _curve_metrics(val_set: Any, evaluator: CocoEvaluator) -> tuple[dict[str, fl
     return values, (curves, matrix)
 
 
-def _log_plots(logger: RunLogger, metrics: dict[str, float], curves_and_matrix: tuple[Any, Any], label_map: Any,
-               val_set: Any, evaluator: CocoEvaluator) -> None:
+def _log_plots(logger: RunLogger, history: dict[str, list[tuple[int, float]]], curves_and_matrix: tuple[Any, Any],
+               label_map: Any, val_set: Any, evaluator: CocoEvaluator) -> None:
     """Rank 0, at the last epoch: confusion matrix, curves, loss curves and validation overlays to MLflow."""
     curves, matrix = curves_and_matrix
-    epoch = int(metrics[EPOCH])
-    history = {}
-    for key in ("train/loss", "val/loss", *(f"train/{k}" for k in TRAIN_LOSS_KEYS)):
-        # this epoch's values reach MLflow with its report, after the plots
-        history[key] = sorted([(step, value) for step, value in logger.history(key) if step < epoch] + [(epoch, metrics[key])])
     samples = []
     for index in range(min(PLOTTED_IMAGES, len(val_set))):
         image, target = val_set[index]

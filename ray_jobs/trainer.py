@@ -11,14 +11,16 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from instseg.config import Config
+from instseg.config import Config, absolute_tracking_uri
 from instseg.data.coco import dataset_fingerprint
 from instseg.data.loaders import build_datasets
-from instseg.metrics.names import FITNESS, FITNESS_MODE
 from instseg.errors import ConfigError, InstsegError
+from instseg.metrics.names import FITNESS, FITNESS_MODE
 from instseg.models.bundle import bundle_from_checkpoint
 from instseg.models.weights import check_weights_available
-from instseg.tracking.runs import RunLogger, create_run, find_run
+from instseg.redaction import redact
+from instseg.tracking.liveness import check_no_live_driver, close_orphaned_runs, driver_tags
+from instseg.tracking.runs import RunLogger, check_tracking_reachable, create_run, find_run
 from ray_jobs.epoch_logger import EpochMetricsLogger
 from ray_jobs.train_loop import train_loop_per_worker
 
@@ -44,18 +46,31 @@ class TrainSummary:
 
 
 def preflight(cfg: Config) -> None:
-    """Open both splits in the driver (annotations and file existence, no decoding) and make sure the
-    weights files are there, so that a missing or broken dataset or file stops with its problems before
-    any Ray worker starts."""
+    """Open both splits in the driver (annotations and file existence, no decoding), make sure the weights
+    files are there and the tracking server answers, so that a missing or broken dataset, file or server
+    stops with its problem in seconds, before any Ray worker starts."""
     build_datasets(cfg.data)
     check_weights_available(cfg.model)
+    check_tracking_reachable(absolute_tracking_uri(cfg.tracking.uri))
 
 
 def create_driver_run(cfg: Config, tracking_uri: str, name: str, kind: str) -> str:
-    """The MLflow run a driver (train entry point, tuning study) owns, tagged with its data."""
+    """The MLflow run a driver (train entry point, tuning study) owns, tagged with its data and with who the
+    driver is (instseg.tracking.liveness)."""
     return create_run(
-        tracking_uri, cfg.tracking.experiment, run_name=name, tags={"instseg.kind": kind, FINGERPRINT_TAG: _fingerprint(cfg)}
+        tracking_uri, cfg.tracking.experiment, run_name=name,
+        tags={"instseg.kind": kind, FINGERPRINT_TAG: _fingerprint(cfg), **driver_tags()},
     )
+
+
+def claim_run_name(cfg: Config, tracking_uri: str, name: str, kind: str) -> Any | None:
+    """Before a driver opens its run: refuse a run_name whose driver is alive, mark KILLED every run of the
+    experiment whose driver is gone, and return the newest run of `kind` with that name (None if none)."""
+    existing = find_run(tracking_uri, cfg.tracking.experiment, name, kind=kind) if cfg.run_name else None
+    check_no_live_driver(existing, name)
+    for run_id, run_name, note in close_orphaned_runs(tracking_uri, [cfg.tracking.experiment]):
+        print(f"marked run {run_id} '{run_name}' KILLED: {note}", flush=True)
+    return existing
 
 
 def _fingerprint(cfg: Config) -> str:
@@ -73,7 +88,7 @@ def open_train_run(cfg: Config, tracking_uri: str, name: str) -> tuple[str, bool
     """(run id, resumed): a new MLflow run, or, when cfg.run_name names an unfinished training run,
     that run, reopened. Ray Train restores the latest checkpoint of the same name by itself, and
     the loop continues the run's history from there (ray_jobs.train_loop)."""
-    existing = find_run(tracking_uri, cfg.tracking.experiment, name, kind="train") if cfg.run_name else None
+    existing = claim_run_name(cfg, tracking_uri, name, kind="train")
     if existing is None:
         return create_driver_run(cfg, tracking_uri, name, kind="train"), False
     run_id = existing.info.run_id
@@ -92,6 +107,7 @@ def open_train_run(cfg: Config, tracking_uri: str, name: str) -> tuple[str, bool
             f"{Path(cfg.ray.storage_path, name)}: it cannot resume without repeating logged epochs; choose a new run_name"
         )
     logger.reopen()
+    logger.set_tags(driver_tags())
     return run_id, True
 
 
@@ -119,7 +135,7 @@ def build_trainer(cfg: Config, *, tracking_uri: str, run_id: str, name: str, cal
                 checkpoint_score_attribute=FITNESS,
                 checkpoint_score_order=FITNESS_MODE,
             ),
-            callbacks=[EpochMetricsLogger(tracking_uri, run_id), *(callbacks or [])],
+            callbacks=[EpochMetricsLogger(tracking_uri, run_id, cfg.train.epochs), *(callbacks or [])],
             worker_runtime_env={"env_vars": WORKER_ENV},
         ),
     )
@@ -147,24 +163,29 @@ def fit_and_log(trainer: TorchTrainer, tracking_uri: str, run_id: str) -> TrainS
     except (KeyboardInterrupt, SystemExit):
         # Ray Train's Ctrl-C handler aborts the controller and then exits with status 0: an
         # interrupted run must not look like a success, so it surfaces as an interrupt
-        logger.finish("KILLED")
+        logger.finish_after_error("KILLED")
         raise KeyboardInterrupt from None
     except ray.train.TrainingFailedError as exc:
-        logger.finish("FAILED")
+        logger.finish_after_error("FAILED")
         lost = {node_id: address for node_id, address in nodes_before.items() if node_id not in alive_nodes()}
         if lost:
             raise TrainingFailed(describe_node_loss(trainer, lost, exc)) from exc
         raise
     except BaseException:
-        logger.finish("FAILED")
+        logger.finish_after_error("FAILED")
         raise
     best = result.get_best_checkpoint(FITNESS, FITNESS_MODE) if result.best_checkpoints else result.checkpoint
-    bundle_uri = log_checkpoint_bundle(logger, best) if best is not None else None
-    logger.set_tags({"instseg.best_checkpoint": best.path if best else "none"})
-    logger.finish("FINISHED")
+    try:
+        bundle_uri = log_checkpoint_bundle(logger, best) if best is not None else None
+        logger.set_tags({"instseg.best_checkpoint": best.path if best else "none"})
+        logger.finish("FINISHED")
+    except BaseException:
+        # trained, but the model did not reach MLflow: the run must not stay RUNNING nor look finished
+        logger.finish_after_error("FAILED")
+        raise
     return TrainSummary(
         run_id=run_id,
-        tracking_uri=tracking_uri,
+        tracking_uri=redact(tracking_uri),  # summaries are printed and stored by flows: never the credentials
         checkpoint_path=best.path if best else None,
         metrics=dict(result.metrics or {}),
         bundle_uri=bundle_uri,

@@ -27,11 +27,21 @@ from ray.tune.search.optuna import OptunaSearch
 from instseg.config import Config, flatten, with_values
 from instseg.errors import ConfigError
 from instseg.metrics.names import EARLY_STOPPED, EPOCH, FITNESS, FITNESS_MODE
+from instseg.redaction import redact
+from instseg.tracking.liveness import DRIVER_TAGS, NOTE_TAG, Heartbeat
 from instseg.tracking.runs import RunLogger, child_runs, create_run, resolve_tracking_uri
 from ray_jobs.cli_common import config_parser, load_config, run_cli
 from ray_jobs.runtime import init_ray
 from ray_jobs.submit import print_result
-from ray_jobs.trainer import build_trainer, create_driver_run, fit_and_log, log_checkpoint_bundle, preflight
+from ray_jobs.trainer import (
+    TrainingFailed,
+    build_trainer,
+    claim_run_name,
+    create_driver_run,
+    fit_and_log,
+    log_checkpoint_bundle,
+    preflight,
+)
 from tuning.search_space import build_param_space
 
 # Orchestration layers (trial drivers, flow tasks) hold a sliver of CPU so that only Train
@@ -73,8 +83,17 @@ class TuneSummary:
         return cls(**{**data, "trials": [TrialSummary(**t) for t in data["trials"]]})
 
 
-def trial_driver(params: dict[str, Any], *, base_config: dict[str, Any], tracking_uri: str, parent_run_id: str, study: str) -> None:
-    """One Tune trial: the sampled params applied to the base config, trained by build_trainer."""
+def trial_driver(
+    params: dict[str, Any],
+    *,
+    base_config: dict[str, Any],
+    tracking_uri: str,
+    parent_run_id: str,
+    study: str,
+    driver: dict[str, str],
+) -> None:
+    """One Tune trial: the sampled params applied to the base config, trained by build_trainer. Its run carries
+    the study driver's tags (`driver`): the study's driver owns the trial's lifetime."""
     cfg = with_values(Config.model_validate(base_config), params)
     trial_id = tune.get_context().get_trial_id()
     run_id = create_run(
@@ -82,7 +101,7 @@ def trial_driver(params: dict[str, Any], *, base_config: dict[str, Any], trackin
         cfg.tracking.experiment,
         run_name=f"trial-{trial_id}",
         parent_run_id=parent_run_id,
-        tags={TRIAL_ID_TAG: trial_id, "instseg.kind": "trial"},
+        tags={TRIAL_ID_TAG: trial_id, "instseg.kind": "trial", **driver},
     )
     trainer = build_trainer(cfg, tracking_uri=tracking_uri, run_id=run_id, name=f"{study}-{trial_id}", callbacks=[TuneReportCallback()])
     fit_and_log(trainer, tracking_uri, run_id)
@@ -162,14 +181,16 @@ def run_tuning(cfg: Config) -> TuneSummary:
     init_ray(cfg.ray.address)
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     study = cfg.run_name or time.strftime("study-%Y%m%d-%H%M%S")
+    claim_run_name(cfg, tracking_uri, study, kind="study")
     parent_run_id = create_driver_run(cfg, tracking_uri, study, kind="study")
     parent = RunLogger(tracking_uri, parent_run_id)
     parent.log_params(flatten(cfg))
     parent.log_dict({k: v.model_dump() for k, v in cfg.tune.search_space.items()}, "search_space.json")
-    print(f"study {study}: MLflow parent run {parent_run_id} ({tracking_uri})", flush=True)
+    print(f"study {study}: MLflow parent run {parent_run_id} ({redact(tracking_uri)})", flush=True)
 
     driver = tune.with_parameters(
-        trial_driver, base_config=cfg.model_dump(), tracking_uri=tracking_uri, parent_run_id=parent_run_id, study=study
+        trial_driver, base_config=cfg.model_dump(), tracking_uri=tracking_uri, parent_run_id=parent_run_id, study=study,
+        driver={key: value for key, value in parent.tags().items() if key in DRIVER_TAGS},
     )
     tuner = tune.Tuner(
         tune.with_resources(driver, {"cpu": ORCHESTRATION_CPUS}),
@@ -185,11 +206,35 @@ def run_tuning(cfg: Config) -> TuneSummary:
         run_config=tune.RunConfig(name=study, storage_path=cfg.ray.storage_path, verbose=1),
     )
     try:
-        grid = tuner.fit()
-    except BaseException:
-        parent.finish("FAILED")
+        with Heartbeat(tracking_uri, parent_run_id):
+            grid = tuner.fit()
+        if grid.num_terminated + grid.num_errors < len(grid) or len(grid) < cfg.tune.num_samples:
+            raise KeyboardInterrupt  # Tune took the Ctrl-C itself and returned what it had
+        return _finish_study(cfg, grid, tracking_uri, parent)
+    except KeyboardInterrupt:
+        _end_study(tracking_uri, parent, "KILLED", "the study was interrupted")
+        print(f"study {study} interrupted: its runs are marked KILLED", file=sys.stderr, flush=True)
+        raise
+    except BaseException as exc:
+        _end_study(tracking_uri, parent, "FAILED", f"the study failed: {type(exc).__name__}")
         raise
 
+
+def _end_study(tracking_uri: str, parent: RunLogger, status: str, note: str) -> None:
+    """A study that did not finish: no run of it stays RUNNING (trial runs, then the parent)."""
+    for run in child_runs(tracking_uri, parent.run_id):
+        if run.info.status == "RUNNING":
+            child = RunLogger(tracking_uri, run.info.run_id)
+            child.set_tags({NOTE_TAG: note, "instseg.trial_status": "interrupted" if status == "KILLED" else "error"})
+            child.finish_after_error(status)
+    if parent.status() == "RUNNING":
+        parent.set_tags({NOTE_TAG: note})
+        parent.finish_after_error(status)
+
+
+def _finish_study(cfg: Config, grid: Any, tracking_uri: str, parent: RunLogger) -> TuneSummary:
+    """After a complete tuner.fit(): trial verdicts, the best trial's bundle, the study's metrics and table."""
+    parent_run_id = parent.run_id
     children = child_runs(tracking_uri, parent_run_id)
     trials = _summarise_trials(grid, cfg, {run.data.tags.get(TRIAL_ID_TAG): run for run in children})
     _close_trial_runs(tracking_uri, trials, [run.info.run_id for run in children])
@@ -197,7 +242,7 @@ def run_tuning(cfg: Config) -> TuneSummary:
     if not scored:
         parent.finish("FAILED")
         errors = [str(r.error).splitlines()[0] for r in grid if r.error is not None]
-        raise RuntimeError(f"no trial reported {FITNESS}; first error: {errors[0] if errors else 'none'}")
+        raise TrainingFailed(f"no trial reported {FITNESS}; first error: {errors[0] if errors else 'none'}")
 
     best_result = grid.get_best_result(metric=FITNESS, mode=FITNESS_MODE, scope="all")
     best_trial_id = str(best_result.metrics.get("trial_id"))
@@ -209,7 +254,7 @@ def run_tuning(cfg: Config) -> TuneSummary:
 
     summary = TuneSummary(
         parent_run_id=parent_run_id,
-        tracking_uri=tracking_uri,
+        tracking_uri=redact(tracking_uri),
         best_trial_id=best.trial_id,
         best_run_id=best.run_id,
         best_params=best.params,

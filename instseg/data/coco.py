@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision.io import ImageReadMode, decode_image, read_file
 
-from instseg.data.formats import available_splits
+from instseg.data.formats import available_splits, image_file
+from instseg.data.schema import read_coco_file
 from instseg.data.validation import Problem, validate_annotations
 from instseg.errors import DataError
 
@@ -72,9 +72,8 @@ def annotation_path(root: str | Path, split: str) -> Path:
 
 
 def load_coco(path: Path) -> COCO:
-    """pycocotools COCO without its chatter on stdout."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(path))
+    """pycocotools COCO of a shape-checked file (DataError naming the file and item otherwise)."""
+    return coco_from_dict(read_coco_file(path))
 
 
 def coco_from_dict(dataset: dict[str, Any]) -> COCO:
@@ -143,10 +142,7 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         self.root = Path(root)
         self.split = split
         self.annotation_file = annotation_path(root, split)
-        try:
-            self.coco = load_coco(self.annotation_file)
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise DataError(f"{self.annotation_file}: not a COCO instances file ({exc})") from None
+        self.coco = coco_from_dict(read_coco_file(self.annotation_file))
         self.label_map = label_map or LabelMap.from_categories(self.coco.loadCats(self.coco.getCatIds()))
         self.hflip_prob = hflip_prob
         self.skipped = self._apply_policy(on_invalid)
@@ -163,8 +159,14 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
             if position not in bad and ann.get("category_id") not in known:
                 problems.append(Problem("unknown_category", source, f"annotation id {ann.get('id')}: category_id {ann.get('category_id')} is not among the model's classes"))
                 bad.add(position)
-        missing = [img for img in self.coco.dataset["images"] if not self.image_path(img["id"]).is_file()]
-        problems += [Problem("image_missing", f"{source}: image id {img['id']}", f"{self.image_path(img['id'])} does not exist") for img in missing]
+        missing = []
+        for img in self.coco.dataset["images"]:
+            found = image_file(self.image_dir, img.get("file_name"))
+            if found is None or not found[0].is_file():
+                missing.append(img)
+                kind, why = ("image_missing", f"{found[0]} does not exist") if found else (
+                    "image_outside_dataset", "file_name must be a relative path inside the image folder")
+                problems.append(Problem(kind, f"{source}: image id {img['id']}", why))
         if not problems:
             return Counter()
         if on_invalid != "skip":
@@ -202,8 +204,13 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    @property
+    def image_dir(self) -> Path:
+        return self.root / "images" / self.split
+
     def image_path(self, image_id: int) -> Path:
-        return self.root / "images" / self.split / self.coco.imgs[image_id]["file_name"]
+        """Only images that passed _apply_policy are here, so the name is known to stay inside image_dir."""
+        return self.image_dir / self.coco.imgs[image_id]["file_name"]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
         image_id = self.image_ids[index]

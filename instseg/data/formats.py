@@ -12,8 +12,8 @@ DST/annotations/instances_{split}.json + DST/images/{split}/ through a temp fold
 
 from __future__ import annotations
 
-import json
 import math
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from instseg.data.files import link_or_copy, staged_folder
+from instseg.data.files import MADE_BY_KEY, atomic_write_json, check_destination, link_or_copy, staged_folder
+from instseg.data.schema import read_coco_file
 from instseg.errors import DataError
 
 FORMATS = ("coco", "roboflow", "yolo")
@@ -49,6 +50,31 @@ class SplitData:
     image_files: dict[int, Path]  # image id -> file
     orphan_labels: list[Path] = field(default_factory=list)  # YOLO label files without an image
     unlabeled_images: list[Path] = field(default_factory=list)  # YOLO images without a label file
+    relative_names: dict[int, str] = field(default_factory=dict)  # image id -> file_name below its image folder
+    outside: dict[int, str] = field(default_factory=dict)  # image id -> a file_name that leaves the image folder
+
+
+def image_file(image_dir: Path, file_name: Any) -> tuple[Path, str] | None:
+    """(path, normalised relative name) of an image's `file_name` below `image_dir`; None for a name that
+    is absolute, climbs out with `..`, or is not a string: a dataset never reads or copies files from
+    elsewhere on the machine (checked on the name, so a symlinked image folder still works)."""
+    if not isinstance(file_name, str) or not file_name or "\x00" in file_name:
+        return None
+    relative = posixpath.normpath(file_name.replace("\\", "/"))
+    if posixpath.isabs(relative) or relative == ".." or relative.startswith("../") or relative == ".":
+        return None
+    return image_dir / relative, relative
+
+
+def _index_images(coco: dict[str, Any], image_dir: Path) -> SplitData:
+    data = SplitData(coco, {})
+    for image in coco["images"]:
+        found = image_file(image_dir, image.get("file_name"))
+        if found is None:
+            data.outside[int(image["id"])] = str(image.get("file_name"))
+        else:
+            data.image_files[int(image["id"])], data.relative_names[int(image["id"])] = found
+    return data
 
 
 def detect_format(root: Path) -> str:
@@ -73,16 +99,6 @@ def _image_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
-        raise DataError(f"{path}: a COCO file needs 'images', 'annotations' and 'categories'")
-    return data
-
-
 def available_splits(root: str | Path) -> list[str]:
     """The splits of instseg's COCO layout at ROOT: those with an annotations/instances_{split}.json, sorted."""
     files = (Path(root) / "annotations").glob("instances_*.json")
@@ -94,9 +110,7 @@ def read_coco(root: Path) -> dict[str, SplitData]:
     for split in available_splits(root):
         ann_file = root / "annotations" / f"instances_{split}.json"
         image_dir = next((d for d in (root / "images" / split, root / split) if d.is_dir()), root / "images" / split)
-        coco = _read_json(ann_file)
-        files = {int(img["id"]): image_dir / img["file_name"] for img in coco["images"] if "id" in img and "file_name" in img}
-        splits[split] = SplitData(coco, files)
+        splits[split] = _index_images(read_coco_file(ann_file), image_dir)
     return splits
 
 
@@ -104,9 +118,7 @@ def read_roboflow(root: Path) -> dict[str, SplitData]:
     splits = {}
     for ann_file in sorted(root.glob(f"*/{ROBOFLOW_JSON}")):
         split = "val" if ann_file.parent.name == "valid" else ann_file.parent.name
-        coco = _read_json(ann_file)
-        files = {int(img["id"]): ann_file.parent / img["file_name"] for img in coco["images"] if "id" in img and "file_name" in img}
-        splits[split] = SplitData(coco, files)
+        splits[split] = _index_images(read_coco_file(ann_file), ann_file.parent)
     return splits
 
 
@@ -221,8 +233,14 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def convert(src: Path, dst: Path, fmt: str | None = None, names: str | None = None) -> dict[str, dict[str, int]]:
-    """Any supported layout -> instseg's COCO layout at DST (written atomically). Returns counts per split."""
+def convert(
+    src: Path, dst: Path, fmt: str | None = None, names: str | None = None, overwrite: bool = False
+) -> dict[str, dict[str, int]]:
+    """Any supported layout -> instseg's COCO layout at DST (written atomically). Returns counts per split.
+
+    DST must be new, empty or an earlier output of ours (else `overwrite`). Images keep their folder
+    below the split's image folder, so equal file names in different folders stay different images."""
+    check_destination(dst, overwrite, sources=(src,))
     fmt, splits = read_dataset(src, fmt, names)
     if not splits:
         raise DataError(f"{src}: no splits found")
@@ -236,17 +254,27 @@ def convert(src: Path, dst: Path, fmt: str | None = None, names: str | None = No
                 source = data.image_files.get(int(image["id"]))
                 if source is None or not source.is_file():
                     continue
-                link_or_copy(source, image_dir / source.name)
-                images.append({**image, "file_name": source.name})
+                relative = data.relative_names.get(int(image["id"]), source.name)
+                target = image_dir / relative
+                if not target.exists():  # two entries may name the same file
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    link_or_copy(source, target)
+                images.append({**image, "file_name": relative})
             kept_ids = {img["id"] for img in images}
             annotations = [
                 {k: _json_safe(v) for k, v in ann.items() if k not in (SOURCE_KEY, "instseg_problem")}
                 for ann in data.coco["annotations"]
                 if ann.get("image_id") in kept_ids
             ]
-            coco = {**{k: v for k, v in data.coco.items() if k not in ("images", "annotations")}, "images": images, "annotations": annotations}
+            info = data.coco.get("info") if isinstance(data.coco.get("info"), dict) else {}
+            coco = {
+                **{k: v for k, v in data.coco.items() if k not in ("info", "images", "annotations")},
+                "info": {**info, MADE_BY_KEY: f"instseg data convert ({fmt})"},
+                "images": images,
+                "annotations": annotations,
+            }
             (staging / "annotations").mkdir(exist_ok=True)
-            (staging / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+            atomic_write_json(staging / "annotations" / f"instances_{split}.json", coco)
             used = {a["category_id"] for a in annotations}
             counts[split] = {"images": len(images), "instances": len(annotations), "classes": len(used)}
     return counts

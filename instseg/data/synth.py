@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from instseg.data.files import staged_folder
+from instseg.data.files import MADE_BY_KEY, atomic_write_json, check_destination, staged_folder
+from instseg.errors import DataError
 
 CATEGORIES = ("circle", "rectangle", "triangle")
 IMAGE_SIZE = (160, 128)  # width, height
@@ -154,15 +155,19 @@ def _make_image(rng: np.random.Generator, image_id: int, ann_start: int) -> tupl
     return image, annotations
 
 
-def synthesize(out: str | os.PathLike[str], images: int = 48, seed: int = 0, val_fraction: float = 0.25) -> dict[str, int]:
+def synthesize(
+    out: str | os.PathLike[str], images: int = 48, seed: int = 0, val_fraction: float = 0.25, overwrite: bool = False
+) -> dict[str, int]:
     """Write OUT/images/{train,val}/*.jpg and OUT/annotations/instances_{train,val}.json.
 
     Same (images, seed) -> byte-identical files. Written to a temp folder and renamed into place,
-    so an interrupted run never leaves half a dataset. Returns image and instance counts per split.
+    so an interrupted run never leaves half a dataset. OUT must be new, empty or an earlier output of ours
+    (else `overwrite`). Returns image and instance counts per split.
     """
     if images < 2:
-        raise ValueError("synthesize needs at least 2 images (one train, one val)")
+        raise DataError("synthesize needs at least 2 images (one train, one val)")
     out = Path(out)
+    check_destination(out, overwrite)
     rng = np.random.default_rng(seed)
     n_val = max(1, round(images * val_fraction))
     splits = {"train": images - n_val, "val": n_val}
@@ -172,7 +177,8 @@ def synthesize(out: str | os.PathLike[str], images: int = 48, seed: int = 0, val
         image_id, ann_id = 1, 1
         for split, count in splits.items():
             (staging / "images" / split).mkdir(parents=True)
-            info = {"description": f"{SYNTH_DESCRIPTION}, seed {seed}", SYNTH_KEY: {"images": images, "seed": seed}}
+            info = {"description": f"{SYNTH_DESCRIPTION}, seed {seed}", SYNTH_KEY: {"images": images, "seed": seed},
+                    MADE_BY_KEY: "instseg data synth"}
             coco: dict = {"info": info, "images": [], "annotations": [], "categories": categories}
             for _ in range(count):
                 image, anns = _make_image(rng, image_id, ann_id)
@@ -183,7 +189,7 @@ def synthesize(out: str | os.PathLike[str], images: int = 48, seed: int = 0, val
                 image_id += 1
                 ann_id += len(anns)
             (staging / "annotations").mkdir(exist_ok=True)
-            (staging / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+            atomic_write_json(staging / "annotations" / f"instances_{split}.json", coco)
             counts[f"{split}_images"] = count
             counts[f"{split}_instances"] = len(coco["annotations"])
     return counts

@@ -7,6 +7,7 @@ open: the JSON file with image / annotation ids, or the YOLO label file and line
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -17,10 +18,13 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from instseg.data.formats import SOURCE_KEY, SplitData
+from instseg.data.schema import decode_rle_string, is_integer, is_number
 
 # kinds that make an annotation unusable for training (the image itself stays)
 ANNOTATION_KINDS = (
     "bad_label_line",
+    "bad_segmentation",
+    "bad_area",
     "unknown_category",
     "empty_segmentation",
     "polygon_too_few_points",
@@ -44,7 +48,7 @@ class Problem:
 
 
 def _numbers_ok(values: list[Any]) -> bool:
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return all(is_number(v) for v in values)
 
 
 def annotation_problems(ann: dict[str, Any], width: int, height: int, category_ids: set[int]) -> list[tuple[str, str]]:
@@ -52,52 +56,83 @@ def annotation_problems(ann: dict[str, Any], width: int, height: int, category_i
     if "instseg_problem" in ann:
         return [("bad_label_line", ann["instseg_problem"])]
     problems: list[tuple[str, str]] = []
-    if ann.get("category_id") not in category_ids:
-        problems.append(("unknown_category", f"category_id {ann.get('category_id')} is not in categories"))
+    category = ann.get("category_id")
+    if not is_integer(category) or category not in category_ids:
+        problems.append(("unknown_category", f"category_id {json.dumps(category)[:40]} is not in categories"))
+    if not is_number(ann.get("area")) or not math.isfinite(ann.get("area")):
+        problems.append(("bad_area", f"area {json.dumps(ann.get('area'))[:40]} is not a finite number"))
     seg = ann.get("segmentation")
+    if isinstance(seg, dict):  # RLE
+        problems += rle_problems(seg, width, height)
+        return problems + box_problems(ann.get("bbox"), problems)
     if not seg:
         return problems + [("empty_segmentation", "segmentation is missing or empty")]
-    if isinstance(seg, dict):  # RLE
-        size = seg.get("size")
-        if size and list(size) != [height, width]:
-            problems.append(("coordinate_outside_image", f"RLE size {size} differs from the image's [{height}, {width}]"))
-        elif width and height and mask_utils.area(mask_utils.frPyObjects(seg, height, width) if isinstance(seg.get("counts"), list) else seg) == 0:
-            problems.append(("zero_area_mask", "RLE mask has no pixels"))
-    else:
-        polygons = seg if isinstance(seg, list) and seg and isinstance(seg[0], list) else [seg]
-        usable = []
-        for index, poly in enumerate(polygons):
-            where = f"polygon {index}" if len(polygons) > 1 else "polygon"
-            if not _numbers_ok(poly):
-                problems.append(("coordinate_not_finite", f"{where} has non-numeric coordinates"))
-                continue
-            if len(poly) % 2:
-                problems.append(("polygon_odd_coordinates", f"{where} has an odd number of coordinates ({len(poly)})"))
-                continue
-            if len(poly) < 6:
-                problems.append(("polygon_too_few_points", f"{where} has {len(poly) // 2} points (at least 3 needed)"))
-                continue
-            if not all(math.isfinite(v) for v in poly):
-                problems.append(("coordinate_not_finite", f"{where} has NaN or infinite coordinates"))
-                continue
-            if min(poly) < 0:
-                problems.append(("coordinate_negative", f"{where} has negative coordinates (min {min(poly):.2f})"))
-                continue
-            xs, ys = poly[0::2], poly[1::2]
-            if width and height and (max(xs) > width or max(ys) > height):
-                problems.append(("coordinate_outside_image", f"{where} reaches ({max(xs):.1f}, {max(ys):.1f}) outside the {width}x{height} image"))
-                continue
-            usable.append(poly)
-        if usable and len(usable) == len(polygons) and width and height:
-            if mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(usable, height, width))) == 0:
-                problems.append(("zero_area_mask", "polygon covers no pixel"))
-    box = ann.get("bbox")
+    if not isinstance(seg, list) or not all(isinstance(poly, list) for poly in seg):
+        shape = "a flat list of numbers" if isinstance(seg, list) and _numbers_ok(seg) else json.dumps(seg)[:40]
+        message = f"segmentation must be polygons [[x1, y1, x2, y2, ...], ...] or an RLE object, not {shape}"
+        return problems + [("bad_segmentation", message)]
+    usable = []
+    for index, poly in enumerate(seg):
+        where = f"polygon {index}" if len(seg) > 1 else "polygon"
+        if not _numbers_ok(poly):
+            problems.append(("coordinate_not_finite", f"{where} has non-numeric coordinates"))
+            continue
+        if len(poly) % 2:
+            problems.append(("polygon_odd_coordinates", f"{where} has an odd number of coordinates ({len(poly)})"))
+            continue
+        if len(poly) < 6:
+            problems.append(("polygon_too_few_points", f"{where} has {len(poly) // 2} points (at least 3 needed)"))
+            continue
+        if not all(math.isfinite(v) for v in poly):
+            problems.append(("coordinate_not_finite", f"{where} has NaN or infinite coordinates"))
+            continue
+        if min(poly) < 0:
+            problems.append(("coordinate_negative", f"{where} has negative coordinates (min {min(poly):.2f})"))
+            continue
+        xs, ys = poly[0::2], poly[1::2]
+        if width and height and (max(xs) > width or max(ys) > height):
+            reach = f"({max(xs):.1f}, {max(ys):.1f})"
+            problems.append(("coordinate_outside_image", f"{where} reaches {reach} outside the {width}x{height} image"))
+            continue
+        usable.append(poly)
+    if usable and len(usable) == len(seg) and width and height:
+        if mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(usable, height, width))) == 0:
+            problems.append(("zero_area_mask", "polygon covers no pixel"))
+    return problems + box_problems(ann.get("bbox"), problems)
+
+
+def box_problems(box: Any, found: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A bbox must be 4 finite numbers with a width and height (its absence counts only on an otherwise
+    sound annotation: one problem per annotation is enough to point at it)."""
+    problems: list[tuple[str, str]] = []
     if isinstance(box, list) and len(box) == 4 and _numbers_ok(box) and all(math.isfinite(v) for v in box):
         if box[2] <= 0 or box[3] <= 0:
             problems.append(("zero_area_box", f"bbox {box} has zero width or height"))
-    elif not problems:
+    elif not found:
         problems.append(("coordinate_not_finite", f"bbox {box} is not 4 finite numbers"))
     return problems
+
+
+def rle_problems(rle: dict[str, Any], width: int, height: int) -> list[tuple[str, str]]:
+    """An RLE's size must be the image's and its run lengths must cover exactly its pixels: pycocotools
+    reads past the end of a short one instead of failing."""
+    size, counts = rle.get("size"), rle.get("counts")
+    if not (isinstance(size, list) and len(size) == 2 and all(is_integer(v) and v >= 0 for v in size)):
+        return [("bad_segmentation", f"RLE needs 'size': [height, width] (got {json.dumps(size)[:40]})")]
+    if width and height and size != [height, width]:
+        return [("coordinate_outside_image", f"RLE size {size} differs from the image's [{height}, {width}]")]
+    if isinstance(counts, str):
+        runs = decode_rle_string(counts)
+    elif isinstance(counts, list) and all(is_integer(v) and v >= 0 for v in counts):
+        runs = counts
+    else:
+        shown = json.dumps(counts)[:40]
+        return [("bad_segmentation", f"RLE 'counts' must be a compressed string or a list of run lengths ({shown})")]
+    if runs is None or any(v < 0 for v in runs) or sum(runs) != size[0] * size[1]:
+        return [("bad_segmentation", f"RLE counts do not cover the {size[0]}x{size[1]} pixels of its size")]
+    if sum(runs[1::2]) == 0:
+        return [("zero_area_mask", "RLE mask has no pixels")]
+    return []
 
 
 def _ann_location(source: str, ann: dict[str, Any]) -> str:
@@ -158,6 +193,10 @@ def check_split(data: SplitData, source: str) -> list[Problem]:
     for image in data.coco["images"]:
         path = data.image_files.get(image.get("id"))
         location = f"{source}: image id {image.get('id')} ({image.get('file_name')})"
+        if image.get("id") in data.outside:
+            why = "file_name must be a relative path inside the image folder (it is absolute, leaves it, or is no path)"
+            problems.append(Problem("image_outside_dataset", location, why))
+            continue
         if path is None:
             problems.append(Problem("image_missing", location, "no file_name"))
             continue
@@ -170,7 +209,8 @@ def check_split(data: SplitData, source: str) -> list[Problem]:
 def summarise_split(data: SplitData) -> dict[str, Any]:
     coco = data.coco
     names = {c.get("id"): c.get("name") for c in coco["categories"]}
-    per_class = Counter(names.get(a.get("category_id"), str(a.get("category_id"))) for a in coco["annotations"])
+    categories = (a.get("category_id") for a in coco["annotations"])
+    per_class = Counter(names.get(c, str(c)) if is_integer(c) else str(c) for c in categories)
     with_instances = {a.get("image_id") for a in coco["annotations"]}
     widths = sorted(int(i.get("width") or 0) for i in coco["images"])
     heights = sorted(int(i.get("height") or 0) for i in coco["images"])

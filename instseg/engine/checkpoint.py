@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from instseg.data.files import atomic_path
+from instseg.errors import InstsegError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """Write to a temp file in the same folder, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_checkpoint(
@@ -37,6 +32,7 @@ def save_checkpoint(
     metrics: dict[str, float],
     early_stopping: dict[str, Any] | None = None,
     scaler: dict[str, Any] | None = None,
+    history: dict[str, list[tuple[int, float]]] | None = None,
 ) -> Path:
     """Everything a resumed run needs: `epoch` is the number of completed epochs, config is
     Config.model_dump(), label_map LabelMap.to_dict(), metrics the epoch's reported metrics."""
@@ -52,6 +48,7 @@ def save_checkpoint(
             "metrics": metrics,
             "early_stopping": early_stopping or {},
             "scaler": scaler or {},  # fp16 GradScaler state ({} without fp16)
+            "history": history or {},  # metric -> [(epoch, value)] of every epoch so far (the loss plots)
         },
         path,
     )
@@ -59,7 +56,22 @@ def save_checkpoint(
 
 
 def load_checkpoint(folder_or_file: str | os.PathLike[str]) -> dict[str, Any]:
+    """The state a training run saved; InstsegError for a file that is not one (or would need unpickling
+    arbitrary objects: weights_only refuses those)."""
     path = Path(folder_or_file)
     if path.is_dir():
         path = path / CHECKPOINT_FILE
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InstsegError(f"checkpoint not found: {path}") from None
+    except Exception as exc:  # noqa: BLE001 (torch raises many kinds for a file that is not a checkpoint)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InstsegError(f"{path}: not a checkpoint that loads safely (weights_only): {reason[:200]}") from None
+    if not isinstance(state, dict) or not {"model", "config", "label_map"} <= set(state):
+        if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise InstsegError(
+                f"{path} holds model weights only (a bundle's weights.pt?): give the bundle folder {path.parent}"
+            )
+        raise InstsegError(f"{path}: not a training checkpoint (needs 'model', 'config' and 'label_map')")
+    return state

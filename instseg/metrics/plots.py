@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from instseg.data.files import atomic_path
 from instseg.metrics.detection import ClassCurves, ConfusionMatrix
 
 
@@ -16,6 +17,14 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save_figure(fig, path: Path) -> Path:
+    """Written whole or not at all (temp file + rename), then closed."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    _pyplot().close(fig)
+    return path
 
 
 def plot_confusion_matrix(matrix: ConfusionMatrix, names: list[str], out: Path) -> list[Path]:
@@ -35,9 +44,7 @@ def plot_confusion_matrix(matrix: ConfusionMatrix, names: list[str], out: Path) 
         ax.set_title(f"confusion matrix{' (normalised by true class)' if normalize else ''}")
         fig.colorbar(image, ax=ax)
         fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
-        paths.append(out / name)
+        paths.append(_save_figure(fig, out / name))
     return paths
 
 
@@ -64,9 +71,7 @@ def plot_curves(curves: ClassCurves, names: list[str], out: Path) -> list[Path]:
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
-        fig.savefig(out / file_name, dpi=120)
-        plt.close(fig)
-        paths.append(out / file_name)
+        paths.append(_save_figure(fig, out / file_name))
     return paths
 
 
@@ -82,9 +87,7 @@ def plot_losses(history: dict[str, list[tuple[int, float]]], out: Path) -> Path:
     ax.set_ylabel("loss")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=120)
-    plt.close(fig)
-    return out / "loss_curves.png"
+    return _save_figure(fig, out / "loss_curves.png")
 
 
 def _palette() -> list[tuple[int, int, int]]:
@@ -148,7 +151,8 @@ def plot_overlays(images: list, predictions: list[dict], names: list[str], out: 
     tiles = [F.resize(draw_detections(image, pred, names), [size, size], antialias=True)
              for image, pred in zip(images, predictions)]
     grid = make_grid(torch.stack(tiles), nrow=4, padding=4) if tiles else torch.zeros((3, size, size), dtype=torch.uint8)
-    write_png(grid, str(out / "val_predictions.png"))
+    with atomic_path(out / "val_predictions.png") as tmp:
+        write_png(grid, str(tmp))
     return out / "val_predictions.png"
 
 
@@ -169,6 +173,6 @@ def plot_example(
     for index, (panel, title) in enumerate(zip(panels, titles)):
         canvas.paste(panel, (index * (width + gap), header))
         draw.text((index * (width + gap) + 4, 3), title, fill="black", font=font)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp)
     return path

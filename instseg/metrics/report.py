@@ -3,7 +3,6 @@ Dice for any COCO results file, written as metrics.json and plots. Training uses
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -12,8 +11,16 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from instseg.data.coco import LabelMap, to_rle
+from instseg.data.files import atomic_write_json
 from instseg.metrics.coco_eval import coco_stats, results_for
-from instseg.metrics.detection import ClassCurves, ConfusionMatrix, ap_per_class, match_predictions, matched_dice, summary
+from instseg.metrics.detection import (
+    ClassCurves,
+    ConfusionMatrix,
+    ap_per_class,
+    match_predictions,
+    matched_dice,
+    summary,
+)
 from instseg.metrics.fitness import fitness
 from instseg.metrics.names import COCO_STAT_NAMES, FITNESS, val_key
 
@@ -144,5 +151,5 @@ def write_report(out: Path, report: dict[str, Any], curves: ClassCurves, matrix:
     from instseg.metrics.plots import plot_confusion_matrix, plot_curves
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(out / "metrics.json", report, indent=2)
     return [out / "metrics.json", *plot_confusion_matrix(matrix, names, out), *plot_curves(curves, names, out)]

@@ -8,7 +8,6 @@ Nothing in a bundle needs unpickling Python objects to load.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from torch import nn
 from instseg.config import WEIGHT_KEYS, ModelConfig
 from instseg.data.coco import LabelMap
 from instseg.data.files import atomic_write_json
+from instseg.data.schema import read_json_file
 from instseg.engine.checkpoint import atomic_torch_save, load_checkpoint
 from instseg.errors import InstsegError
 from instseg.models.factory import build_model
@@ -53,8 +53,17 @@ def load_bundle(folder: str | os.PathLike[str]) -> tuple[nn.Module, LabelMap, di
     folder = Path(folder)
     if not is_bundle(folder):
         raise InstsegError(f"{folder} is not a model bundle (needs {WEIGHTS_FILE} and {META_FILE})")
-    meta = json.loads((folder / META_FILE).read_text())
-    label_map = LabelMap.from_dict(meta["label_map"])
-    model = build_model(ModelConfig.model_validate(meta["model"]), label_map.num_classes)
-    model.load_state_dict(load_state_dict_file(folder / WEIGHTS_FILE))
+    meta = read_json_file(folder / META_FILE)
+    try:
+        label_map = LabelMap.from_dict(meta["label_map"])
+        model_cfg = ModelConfig.model_validate(meta["model"])
+    except (KeyError, TypeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0]
+        raise InstsegError(f"{folder / META_FILE}: not a bundle's model description ({reason})") from None
+    model = build_model(model_cfg, label_map.num_classes)
+    try:
+        model.load_state_dict(load_state_dict_file(folder / WEIGHTS_FILE))
+    except RuntimeError as exc:
+        reason = str(exc).splitlines()[0]
+        raise InstsegError(f"{folder / WEIGHTS_FILE} does not fit the model in {META_FILE}: {reason}") from None
     return model.eval(), label_map, meta

@@ -62,6 +62,8 @@ def check_weights_available(model: ModelConfig) -> None:
             ensure_published(published(model.arch, key)[0], f"model.{key}")
         elif not is_none(value) and not Path(value).is_file():
             raise ConfigError(f"model.{key}: file not found: {value}")
+        elif not is_none(value):
+            load_state_dict_file(value)  # a file that is not a state dict fails here, not in every worker
 
 
 def is_none(value: str) -> bool:

@@ -23,7 +23,9 @@ import instseg
 from instseg.errors import InstsegError
 from instseg.metrics.names import FITNESS, FITNESS_MODE
 from instseg.models.bundle import is_bundle
+from instseg.redaction import redact
 from instseg.tracking.pyfunc_model import BUNDLE_ARTIFACT
+from instseg.tracking.runs import quiet_urls
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -74,16 +76,21 @@ def register_bundle(tracking_uri: str, run_id: str, bundle_dir: Path, model_name
     """Log the bundle as a pyfunc model in `run_id`, register it, point `challenger` at it; returns the version."""
     client = MlflowClient(tracking_uri)
     status = client.get_run(run_id).info.status
-    with _tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT,
-            python_model=str(PYFUNC_ENTRY),
-            artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
-            code_paths=[str(Path(instseg.__file__).parent)],
-            pip_requirements=PIP_REQUIREMENTS,
-            registered_model_name=model_name,
-        )
-    client.set_terminated(run_id, status=status)  # logging reopened the run: keep its own outcome
+    try:
+        with quiet_urls(tracking_uri), _tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT,
+                python_model=str(PYFUNC_ENTRY),
+                artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
+                code_paths=[str(Path(instseg.__file__).parent)],
+                pip_requirements=PIP_REQUIREMENTS,
+                registered_model_name=model_name,
+            )
+    finally:
+        # the fluent API reopened the run and, on a failure, would leave it FAILED: registering a model
+        # never changes how its training run ended
+        with quiet_urls(tracking_uri):
+            client.set_terminated(run_id, status=status)
     version = str(info.registered_model_version)
     for key, value in (tags or {}).items():
         client.set_model_version_tag(model_name, version, key, str(value))
@@ -114,7 +121,8 @@ def download_bundle(tracking_uri: str, uri: str, dst: Path) -> Path:
         with _tracking_uri(tracking_uri):  # models:/ URIs resolve against the global registry URI
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     except MlflowException as exc:
-        raise InstsegError(f"cannot load model {uri} from {tracking_uri}: {exc.message.splitlines()[0]}") from None
+        reason = redact(exc.message.splitlines()[0])
+        raise InstsegError(f"cannot load model {uri} from {redact(tracking_uri)}: {reason}") from None
     if is_bundle(local):  # runs:/ID/bundle: a bundle logged by a training run
         return local
     if not (local / "MLmodel").is_file():

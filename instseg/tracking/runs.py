@@ -6,19 +6,68 @@ their ids are handed down explicitly; workers only log into a run id they were g
 
 from __future__ import annotations
 
+import os
 import time
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from instseg.config import absolute_tracking_uri
+from instseg.errors import ConfigError
+from instseg.redaction import redact
 
 LIBRARIES = ("torch", "torchvision", "ray", "mlflow", "prefect", "optuna", "pycocotools", "instseg")
 _MAX_PARAM_LENGTH = 6000
+
+
+# the client's own defaults retry an unreachable server for about four minutes per call
+QUICK_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def quick_requests() -> Any:
+    """MLflow HTTP calls in the block fail within seconds instead of retrying for minutes: for callers that
+    have a better plan than waiting (buffer and send later, or tell the user now). MLflow reads these
+    variables on every request."""
+    return mlflow_env(QUICK_RETRIES)
+
+
+def quiet_urls(tracking_uri: str) -> Any:
+    """MLflow prints "View run ... at: URL" when a run ends on a server, credentials and all: not for a URI
+    that has some."""
+    has_credentials = redact(tracking_uri) != tracking_uri
+    return mlflow_env({"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"} if has_credentials else {})
+
+
+@contextmanager
+def mlflow_env(settings: Mapping[str, str]) -> Iterator[None]:
+    """MLflow settings (environment variables) for the block only."""
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def check_tracking_reachable(uri: str) -> None:
+    """A tracking server answers within seconds, or ConfigError names it (before any Ray worker starts)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with quick_requests():
+            MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 (connection refused, timeout, 401, TLS: all mean "not usable")
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot reach the MLflow tracking server at {redact(uri)}: {redact(reason)}") from None
 
 
 def resolve_tracking_uri(uri: str | None = None, base: Path | None = None) -> str:
@@ -97,7 +146,19 @@ class RunLogger:
 
     def finish(self, status: str = "FINISHED") -> None:
         """status: FINISHED, FAILED or KILLED."""
-        self.client.set_terminated(self.run_id, status=status)
+        with quiet_urls(self.client.tracking_uri):
+            self.client.set_terminated(self.run_id, status=status)
+
+    def finish_after_error(self, status: str) -> None:
+        """finish() on the way out of a failure: if MLflow cannot take it either, say so in one line and let the
+        original error be the one that surfaces (the run is then closed by the next start: tracking.liveness)."""
+        try:
+            self.finish(status)
+        except Exception as exc:  # noqa: BLE001 (an outage must not replace the error being raised)
+            print(f"could not mark MLflow run {self.run_id} {status}: {redact(str(exc).splitlines()[0])}", flush=True)
+
+    def tags(self) -> dict[str, str]:
+        return dict(self.client.get_run(self.run_id).data.tags)
 
     def status(self) -> str:
         return self.client.get_run(self.run_id).info.status

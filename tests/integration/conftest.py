@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from instseg.data.synth import synthesize
+
 RAY_CLI = str(Path(sys.executable).parent / "ray")
 
 
@@ -26,3 +28,11 @@ def local_ray():
         ray.init(address="local", num_cpus=2, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def longer_epochs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30 training images: an epoch of the tiny model lasts a few seconds, long enough to hit its middle."""
+    root = tmp_path_factory.mktemp("faults") / "synth40"
+    synthesize(root, images=40, seed=1)
+    return root

@@ -3,7 +3,6 @@
 import hashlib
 import http.server
 import json
-import shutil
 import threading
 import zipfile
 from pathlib import Path
@@ -87,6 +86,33 @@ def test_interrupted_download_leaves_no_dataset_and_a_rerun_completes(server, tm
 
 def test_no_network_says_what_to_do(tmp_path, capsys):
     closed = "http://127.0.0.1:9/coco8-seg.zip"  # the discard port: nothing listens there
-    assert cli_main(["data", "download", "coco8-seg", "--dest", str(tmp_path), "--url", closed]) == 1
+    assert cli_main(["data", "download", "coco8-seg", "--dest", str(tmp_path), "--url", closed, "--insecure"]) == 1
     err = capsys.readouterr().err
     assert "cannot download" in err and "instseg data convert" in err and "Traceback" not in err
+
+
+def test_an_unverifiable_download_is_refused_unless_asked_for(server, tmp_path, capsys):
+    url, digest = server
+    assert cli_main(["data", "download", "coco8-seg", "--dest", str(tmp_path), "--url", url]) == 2
+    assert "no pinned sha256" in capsys.readouterr().err and not list(tmp_path.iterdir())
+    assert cli_main(["data", "download", "coco8-seg", "--dest", str(tmp_path), "--url", url, "--insecure"]) == 0
+    assert f"NOT verified: --insecure; pass --sha256 {digest}" in capsys.readouterr().err
+
+
+def test_a_zip_bomb_is_refused_before_unpacking(tmp_path, capsys):
+    """A zip whose members claim far more bytes than it holds (10 MB of zeros in a few KB) is refused."""
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("coco8-seg/images/train/zeros.jpg", b"\0" * 10_000_000)
+    saved, _Handler.payload = _Handler.payload, bomb.read_bytes()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/bomb.zip"
+        dest = tmp_path / "dest"
+        assert cli_main(["data", "download", "coco8-seg", "--dest", str(dest), "--url", url, "--insecure"]) == 1
+    finally:
+        httpd.shutdown()
+        _Handler.payload = saved
+    assert "refused" in capsys.readouterr().err
+    assert list(dest.iterdir()) == [], "nothing unpacked, no zip left"

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from instseg.data.synth import synthesize
 from instseg.metrics.names import EPOCH, FITNESS
 from instseg.tracking.runs import find_run
 from ray_jobs.train import run_training
@@ -35,14 +34,6 @@ EPOCHS = 3
 # keys whose history must be exactly one point per epoch
 RAY_LOG_LINE = re.compile(r"^(\x1b\[\d+m)?\(")  # a line Ray forwarded from a worker or actor
 PER_EPOCH_KEYS = (FITNESS, EPOCH, "train/loss", "val/segm_map", "val/loss", "train/lr")
-
-
-@pytest.fixture(scope="module")
-def longer_epochs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """30 training images: an epoch of the tiny model lasts a few seconds, long enough to hit its middle."""
-    root = tmp_path_factory.mktemp("faults") / "synth40"
-    synthesize(root, images=40, seed=1)
-    return root
 
 
 def cli_overrides(data_root: Path, tmp_path: Path, *extra: str) -> list[str]:

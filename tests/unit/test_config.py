@@ -1,3 +1,4 @@
+import json
 import re
 import subprocess
 import sys
@@ -6,7 +7,8 @@ import pytest
 
 from instseg.config import Config, flatten, load, resolve_paths, with_values
 from instseg.errors import ConfigError
-from tests.conftest import DEMO_CONFIG, ROOT
+from instseg.redaction import redact, redact_tree
+from tests.conftest import DEMO_CONFIG
 
 
 def test_demo_config_loads_and_every_key_is_documented():
@@ -99,3 +101,26 @@ def test_missing_config_file_is_a_usage_error(tmp_path):
 def test_flatten_redacts_credentials_in_uris():
     cfg = load(DEMO_CONFIG, ["tracking.uri=https://alice:s3cret@mlflow.example:5000"])
     assert flatten(cfg)["tracking.uri"] == "https://***@mlflow.example:5000"
+
+
+@pytest.mark.parametrize(
+    "uri, shown",
+    [
+        ("https://alice:s3/cr@t@mlflow.example:5000/x", "https://***@mlflow.example:5000/x"),  # / and @ in the password
+        ("http://alice:pa%2Fss%40w0rd@127.0.0.1:5000", "http://***@127.0.0.1:5000"),  # percent-encoded
+        ("postgresql://mlflow:p@ss:w0rd@db:5432/mlflow", "postgresql://***@db:5432/mlflow"),
+        ("https://mlflow.example/api?token=abc123&x=1", "https://mlflow.example/api?token=***&x=1"),
+        ("s3://b/k?X-Amz-Signature=abc&X-Amz-Credential=def", "s3://b/k?X-Amz-Signature=***&X-Amz-Credential=***"),
+        ("run (https://u:secret@h:1) and http://v:other@h2/p", "run (https://***@h:1) and http://***@h2/p"),
+        ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+    ],
+)
+def test_redact_hides_every_kind_of_credential(uri, shown):
+    assert redact(uri) == shown
+
+
+def test_a_config_dump_and_its_params_carry_no_password():
+    overrides = ["tracking.uri=https://alice:s3/cr@t@mlflow.example:5000", "ray.storage_path=s3://b/p?token=tok"]
+    cfg = load(DEMO_CONFIG, overrides)
+    dump = json.dumps(redact_tree(cfg.model_dump())) + json.dumps(flatten(cfg))
+    assert "s3/cr" not in dump and "cr@t" not in dump and "tok" not in dump.replace("token", "")

@@ -99,4 +99,4 @@ def test_metrics_cli_bad_input_exits_2(tmp_path, synth_root, capsys):
     assert cli_main(["metrics", str(gt), str(tmp_path / "missing.json")]) == 2
     (tmp_path / "bad.json").write_text(json.dumps([{"image_id": 999999, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1}]))
     assert cli_main(["metrics", str(gt), str(tmp_path / "bad.json")]) == 2
-    assert "image ids not in" in capsys.readouterr().err
+    assert "image_id 999999 is not an image of the ground truth" in capsys.readouterr().err

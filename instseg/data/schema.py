@@ -1,0 +1,155 @@
+"""The shape of a COCO instances file, checked before anything indexes it: a file that is not even a COCO
+dict (a list, `images: [1, 2]`, an image without an integer id, `width: "wide"`) stops with one line
+naming the file and the item. What is wrong inside one annotation (its segmentation, its box) is a
+`Problem` instead (instseg.data.validation), so that `data check` lists them all and
+`data.on_invalid=skip` can drop them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from instseg.errors import DataError
+
+
+def is_integer(value: Any) -> bool:
+    """An int that is not a bool (JSON `true` is not an id or a size)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_json_file(path: Path, what: str = "JSON") -> Any:
+    """The parsed file, or DataError naming it (missing, unreadable, not JSON)."""
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read it ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not {what} ({exc})") from None
+
+
+def check_coco_structure(data: Any, source: str | Path) -> dict[str, Any]:
+    """`data` if it has the shape of a COCO instances dict; else DataError naming `source` and the item."""
+    if not isinstance(data, dict):
+        raise DataError(
+            f"{source}: a COCO file is a JSON object with 'images', 'annotations' and 'categories', "
+            f"not a {type(data).__name__}"
+        )
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise DataError(
+                f"{source}: a COCO file needs 'images', 'annotations' and 'categories' ('{key}' is missing)"
+            )
+        if not isinstance(data[key], list):
+            raise DataError(f"{source}: '{key}' must be a list, not a {type(data[key]).__name__}")
+    for key, required in (("images", ("id",)), ("annotations", ("id", "image_id")), ("categories", ("id",))):
+        for index, item in enumerate(data[key]):
+            if not isinstance(item, dict):
+                raise DataError(f"{source}: {key}[{index}] must be an object, not {json.dumps(item)[:40]}")
+            for field in required:
+                if not is_integer(item.get(field)):
+                    raise DataError(
+                        f"{source}: {key}[{index}] needs an integer '{field}' (got {json.dumps(item.get(field))[:40]})"
+                    )
+    for index, image in enumerate(data["images"]):
+        for field in ("width", "height"):
+            if field in image and not (is_integer(image[field]) and image[field] >= 0):
+                raise DataError(
+                    f"{source}: image id {image['id']} (images[{index}]): '{field}' must be a whole number of pixels "
+                    f"(got {json.dumps(image[field])[:40]})"
+                )
+    for index, category in enumerate(data["categories"]):
+        if not isinstance(category.get("name", ""), str):
+            raise DataError(f"{source}: category id {category['id']} (categories[{index}]): 'name' must be a string")
+    return data
+
+
+def read_coco_file(path: Path) -> dict[str, Any]:
+    """A COCO instances file, read and shape-checked."""
+    return check_coco_structure(read_json_file(path, "readable JSON"), path)
+
+
+def decode_rle_string(text: str) -> list[int] | None:
+    """The run lengths of COCO's compressed RLE string (6-bit groups from '0', a sign bit, deltas against
+    the run two back); None where the text is not such a string."""
+    runs: list[int] = []
+    position = 0
+    while position < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(text):
+                return None
+            code = ord(text[position]) - 48
+            if not 0 <= code < 64:
+                return None
+            value |= (code & 0x1F) << shift
+            more = bool(code & 0x20)
+            position += 1
+            shift += 5
+            if not more and code & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
+def rle_covers(rle: dict[str, Any]) -> bool:
+    """An RLE whose 'size' is [height, width] and whose run lengths add up to exactly that many pixels."""
+    size, counts = rle.get("size"), rle.get("counts")
+    if not (isinstance(size, list) and len(size) == 2 and all(is_integer(v) and v >= 0 for v in size)):
+        return False
+    runs = decode_rle_string(counts) if isinstance(counts, str) else counts
+    if not isinstance(runs, list) or not all(is_integer(v) and v >= 0 for v in runs):
+        return False
+    return sum(runs) == size[0] * size[1]
+
+
+def check_results(
+    results: Any, source: str | Path, images: dict[int, dict[str, Any]], category_ids: set[int], iou_type: str
+) -> list[dict[str, Any]]:
+    """`results` if it is a COCO results list that fits the ground truth (its images and categories) and
+    carries what `iou_type` evaluates; else DataError naming `source` and the first bad detection."""
+    if not isinstance(results, list):
+        raise DataError(f"{source}: a COCO results file is a JSON list of detections, not a {type(results).__name__}")
+    needed = "segmentation" if iou_type == "segm" else "bbox"
+    for index, result in enumerate(results):
+        where = f"{source}: detection {index}"
+        if not isinstance(result, dict):
+            raise DataError(f"{where} must be an object, not {json.dumps(result)[:40]}")
+        image_id, category_id, score = result.get("image_id"), result.get("category_id"), result.get("score")
+        if not is_integer(image_id) or image_id not in images:
+            raise DataError(f"{where}: image_id {json.dumps(image_id)[:40]} is not an image of the ground truth")
+        if not is_integer(category_id) or category_id not in category_ids:
+            raise DataError(
+                f"{where}: category_id {json.dumps(category_id)[:40]} is not a category of the ground truth"
+            )
+        if not is_number(score) or not math.isfinite(score):
+            raise DataError(f"{where}: 'score' must be a number (got {json.dumps(score)[:40]})")
+        value = result.get(needed)
+        if needed == "bbox" and not (isinstance(value, list) and len(value) == 4 and all(is_number(v) for v in value)):
+            raise DataError(f"{where}: --iou-type bbox needs 'bbox': [x, y, w, h] (got {json.dumps(value)[:40]})")
+        if needed == "segmentation" and not (isinstance(value, dict) and rle_covers(value)):
+            raise DataError(
+                f"{where}: --iou-type segm needs 'segmentation' as an RLE object {{size, counts}} "
+                f"(got {json.dumps(value)[:40]})"
+            )
+        image = images[image_id]
+        if (
+            needed == "segmentation"
+            and isinstance(value, dict)
+            and value["size"] != [image.get("height"), image.get("width")]
+        ):
+            raise DataError(
+                f"{where}: RLE size {value['size']} is not image {image_id}'s "
+                f"[{image.get('height')}, {image.get('width')}]"
+            )
+    return results
