@@ -221,15 +221,21 @@ def run_tuning(cfg: Config) -> TuneSummary:
 
 
 def _end_study(tracking_uri: str, parent: RunLogger, status: str, note: str) -> None:
-    """A study that did not finish: no run of it stays RUNNING (trial runs, then the parent)."""
-    for run in child_runs(tracking_uri, parent.run_id):
-        if run.info.status == "RUNNING":
-            child = RunLogger(tracking_uri, run.info.run_id)
-            child.set_tags({NOTE_TAG: note, "instseg.trial_status": "interrupted" if status == "KILLED" else "error"})
-            child.finish_after_error(status)
-    if parent.status() == "RUNNING":
-        parent.set_tags({NOTE_TAG: note})
-        parent.finish_after_error(status)
+    """A study that did not finish: no run of it stays RUNNING (trial runs, then the parent). MLflow failing
+    here too is said in one line, so that the error that ended the study is the one that surfaces."""
+    try:
+        for run in child_runs(tracking_uri, parent.run_id):
+            if run.info.status == "RUNNING":
+                child = RunLogger(tracking_uri, run.info.run_id)
+                verdict = "interrupted" if status == "KILLED" else "error"
+                child.set_tags({NOTE_TAG: note, "instseg.trial_status": verdict})
+                child.finish(status)
+        if parent.status() == "RUNNING":
+            parent.set_tags({NOTE_TAG: note})
+            parent.finish(status)
+    except Exception as exc:  # noqa: BLE001 (the next start closes what is left: tracking.liveness)
+        reason = redact(str(exc).splitlines()[0])
+        print(f"could not close the study's MLflow runs: {reason}", file=sys.stderr, flush=True)
 
 
 def _finish_study(cfg: Config, grid: Any, tracking_uri: str, parent: RunLogger) -> TuneSummary:

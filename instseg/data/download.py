@@ -103,6 +103,9 @@ def download(
     if name not in DATASETS:
         raise InstsegError(f"unknown dataset '{name}' (available: {', '.join(sorted(DATASETS))})")
     remote = DATASETS[name]
+    final = dest / name
+    if (final / "annotations").is_dir():
+        return final
     expected = sha256 or remote.sha256
     if not expected and not insecure:
         raise InstsegError(
@@ -110,9 +113,6 @@ def download(
             "or --insecure to download without verifying"
         )
     progress = progress or (lambda line: print(f"\r{name}: {line}", end="", file=sys.stderr, flush=True))
-    final = dest / name
-    if (final / "annotations").is_dir():
-        return final
     dest.mkdir(parents=True, exist_ok=True)
     part = dest / f".{name}.zip.part"
     got = _fetch(url or remote.url, part, progress)

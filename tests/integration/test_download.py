@@ -64,6 +64,7 @@ def test_download_verifies_and_converts(server, tmp_path, capsys):
     assert _instances(root) == 30 and len(list(root.glob("images/*/*.jpg"))) == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["coco8-seg"], "no zip or temp folder left behind"
     assert cli_main(["data", "check", str(root)]) == 0
+    assert cli_main(["data", "download", "coco8-seg", "--dest", str(tmp_path)]) == 0, "already there: nothing to verify"
 
 
 def test_wrong_checksum_leaves_nothing(server, tmp_path, capsys):
