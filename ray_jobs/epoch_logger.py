@@ -38,12 +38,14 @@ class EpochMetricsLogger(UserCallback):
         self.run_id = run_id
         self.epochs = epochs
         self.max_pending = max_pending
-        self.pending: list[tuple[int, dict[str, Any]]] = []  # (epoch, metrics) not yet in MLflow, oldest first
+        # (epoch, metrics, when measured in ms) not yet in MLflow, oldest first; the fixed timestamp makes a
+        # resend of a batch that did arrive (a timeout after the server took it) a no-op
+        self.pending: list[tuple[int, dict[str, Any], int]] = []
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Checkpoint | None) -> None:
         values = metrics[0]  # rank 0: every rank reports the same, already reduced, values
         epoch = int(values[EPOCH])
-        self.pending.append((epoch, values))
+        self.pending.append((epoch, values, int(time.time() * 1000)))
         last = epoch >= self.epochs or bool(values.get(EARLY_STOPPED))
         deadline = time.monotonic() + (OUTAGE_WAIT_S if last else 0.0)
         while not self._flush():
@@ -66,17 +68,17 @@ class EpochMetricsLogger(UserCallback):
         """Send the waiting epochs in order; True when none is left."""
         logger = RunLogger(self.tracking_uri, self.run_id)
         while self.pending:
-            epoch, values = self.pending[0]
+            epoch, values, measured = self.pending[0]
             try:
                 with quick_requests():
-                    logger.log_metrics(values, step=epoch)
+                    logger.log_metrics(values, step=epoch, timestamp_ms=measured)
             except Exception:  # noqa: BLE001 (whatever the client raises for an unreachable server)
                 return False
             self.pending.pop(0)
         return True
 
     def _unreachable(self, how_long: str) -> str:
-        epochs = [epoch for epoch, _ in self.pending]
+        epochs = [epoch for epoch, _, _ in self.pending]
         return (
             f"the MLflow server at {redact(self.tracking_uri)} was unreachable {how_long}: epochs {epochs} of run "
             f"{self.run_id} are not in MLflow (their checkpoints are saved; rerun with the same run_name to resume)"

@@ -115,6 +115,8 @@ def staged_folder(destination: Path) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+        if not destination.exists():  # interrupted between the two moves of the non-atomic swap: old comes back
+            remove_stale_staging(destination.parent, destination.name)
 
 
 MADE_BY_KEY = "instseg_made_by"  # in an annotation file's "info": the command of ours that wrote the dataset

@@ -129,8 +129,11 @@ class RunLogger:
         for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
+    def log_metrics(self, metrics: Mapping[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        """timestamp_ms: when the values were measured (default now). The same batch sent twice with the same
+        timestamp is stored once (MLflow drops rows identical in key, value, step and time): a retry after a
+        timeout whose request did arrive adds nothing."""
+        now = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         self.client.log_batch(self.run_id, metrics=batch)
 

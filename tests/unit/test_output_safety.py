@@ -229,3 +229,31 @@ def test_a_write_that_fails_leaves_the_old_metrics_and_no_temp_file(synth_root, 
     assert "Traceback" not in run.stderr
     assert (out / "metrics.json").read_text() == '{"old": true}'
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_without_an_atomic_exchange_an_interrupted_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
+    """Where renameat2 cannot swap, the old folder moves aside and the new one moves in: interrupted between
+    the two moves, the old folder is back under its name before the interrupt leaves staged_folder."""
+    from instseg.data import files
+
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    destination = tmp_path / "d"
+    destination.mkdir()
+    (destination / "old.txt").write_text("old")
+    with staged_folder(destination) as staging:
+        (staging / "new.txt").write_text("new")
+    assert sorted(p.name for p in destination.iterdir()) == ["new.txt"]
+    real_replace, moves = os.replace, []
+
+    def interrupted_second_move(source, target):
+        moves.append(target)
+        if len(moves) == 2:
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(files.os, "replace", interrupted_second_move)
+    with pytest.raises(KeyboardInterrupt), staged_folder(destination) as staging:
+        (staging / "newer.txt").write_text("newer")
+    monkeypatch.setattr(files.os, "replace", real_replace)
+    assert sorted(p.name for p in destination.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
