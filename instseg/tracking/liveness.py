@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping
 
 import psutil
 from mlflow import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from instseg.errors import ConfigError
 from instseg.tracking.runs import quiet_urls
@@ -59,7 +59,7 @@ def driver_alive(tags: Mapping[str, str], now: float | None = None) -> bool | No
 
 def describe_driver(tags: Mapping[str, str]) -> str:
     beat = tags.get(HEARTBEAT_TAG)
-    since = f", last heartbeat {time.time() - float(beat):.0f} s ago" if beat else ""
+    since = f", last heartbeat {time.time() - float(beat):.0f} s ago" if beat else ""  # "" when never beaten
     return f"pid {tags.get(PID_TAG)} on {tags.get(HOST_TAG)}{since}"
 
 
@@ -87,10 +87,14 @@ def close_orphaned_runs(tracking_uri: str, experiments: Iterable[str] | None = N
     closed = []
     now = time.time()
     for run in client.search_runs(ids, filter_string="attributes.status = 'RUNNING'", max_results=5000):
-        if driver_alive(run.data.tags, now) is not False:
+        tags = dict(run.data.tags)
+        parent_id = tags.get(MLFLOW_PARENT_RUN_ID)
+        if parent_id and HEARTBEAT_TAG not in tags:  # a trial run: its study's driver beats on the study's run
+            tags[HEARTBEAT_TAG] = client.get_run(parent_id).data.tags.get(HEARTBEAT_TAG, "")
+        if driver_alive(tags, now) is not False:
             continue
         note = (
-            f"driver {describe_driver(run.data.tags)} is gone (killed, or its machine was lost); "
+            f"driver {describe_driver(tags)} is gone (killed, or its machine was lost); "
             f"marked KILLED at {time.strftime('%Y-%m-%d %H:%M:%S')}"
         )
         client.set_tag(run.info.run_id, NOTE_TAG, note)

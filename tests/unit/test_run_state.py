@@ -46,8 +46,13 @@ def test_orphaned_runs_are_marked_killed_and_live_ones_left_alone(tmp_path):
         tags={HOST_TAG: "elsewhere", PID_TAG: "1", STARTED_TAG: "0", HEARTBEAT_TAG: f"{time.time() - 3600:.0f}"},
     )
     untagged = create_run(uri, "exp", run_name="old-version")
+    # a trial run on another machine carries its study driver's tags but beats through its parent, the study
+    remote = {HOST_TAG: "elsewhere", PID_TAG: "1", STARTED_TAG: "0"}
+    study = create_run(uri, "exp", run_name="study", tags={**remote, HEARTBEAT_TAG: f"{time.time():.0f}"})
+    trial = create_run(uri, "exp", run_name="trial", parent_run_id=study, tags=remote)
     closed = {run_id for run_id, _, _ in close_orphaned_runs(uri, ["exp"])}
     assert closed == {orphan, remote_stale}
+    assert MlflowClient(uri).get_run(trial).info.status == "RUNNING", "its study's heartbeat is fresh"
     client = MlflowClient(uri)
     assert client.get_run(orphan).info.status == "KILLED" and "is gone" in client.get_run(orphan).data.tags[NOTE_TAG]
     assert client.get_run(live).info.status == "RUNNING" and client.get_run(untagged).info.status == "RUNNING"
