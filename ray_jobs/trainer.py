@@ -151,28 +151,36 @@ def log_checkpoint_bundle(logger: RunLogger, checkpoint: ray.train.Checkpoint) -
     return f"runs:/{logger.run_id}/{BUNDLE_ARTIFACT_PATH}"
 
 
-def fit_and_log(trainer: TorchTrainer, tracking_uri: str, run_id: str) -> TrainSummary:
+def fit_and_log(trainer: TorchTrainer, tracking_uri: str, run_id: str, closes_failed_runs: bool = True) -> TrainSummary:
     """Run `trainer`; log the best checkpoint's bundle and close the MLflow run with the outcome.
 
     Ctrl-C leaves the run KILLED (a rerun with the same run_name resumes it); a failure caused by lost
-    nodes becomes TrainingFailed naming them; any other failure propagates with the run FAILED."""
+    nodes becomes TrainingFailed naming them; any other failure propagates with the run FAILED. A Tune trial
+    passes closes_failed_runs=False: Tune stops a trial's driver when the scheduler is done with it, which
+    this function sees as a failure, possibly after the study has closed the run with Tune's verdict
+    (tuning.tune._close_trial_runs), so only the study says how a trial's run ended."""
     logger = RunLogger(tracking_uri, run_id)
+
+    def close(status: str) -> None:
+        if closes_failed_runs:
+            logger.finish_after_error(status)
+
     nodes_before = alive_nodes()
     try:
         result = trainer.fit()
     except (KeyboardInterrupt, SystemExit):
         # Ray Train's Ctrl-C handler aborts the controller and then exits with status 0: an
         # interrupted run must not look like a success, so it surfaces as an interrupt
-        logger.finish_after_error("KILLED")
+        close("KILLED")
         raise KeyboardInterrupt from None
     except ray.train.TrainingFailedError as exc:
-        logger.finish_after_error("FAILED")
+        close("FAILED")
         lost = {node_id: address for node_id, address in nodes_before.items() if node_id not in alive_nodes()}
         if lost:
             raise TrainingFailed(describe_node_loss(trainer, lost, exc)) from exc
         raise
     except BaseException:
-        logger.finish_after_error("FAILED")
+        close("FAILED")
         raise
     best = result.get_best_checkpoint(FITNESS, FITNESS_MODE) if result.best_checkpoints else result.checkpoint
     try:
@@ -181,7 +189,7 @@ def fit_and_log(trainer: TorchTrainer, tracking_uri: str, run_id: str) -> TrainS
         logger.finish("FINISHED")
     except BaseException:
         # trained, but the model did not reach MLflow: the run must not stay RUNNING nor look finished
-        logger.finish_after_error("FAILED")
+        close("FAILED")
         raise
     return TrainSummary(
         run_id=run_id,

@@ -104,7 +104,7 @@ def trial_driver(
         tags={TRIAL_ID_TAG: trial_id, "instseg.kind": "trial", **driver},
     )
     trainer = build_trainer(cfg, tracking_uri=tracking_uri, run_id=run_id, name=f"{study}-{trial_id}", callbacks=[TuneReportCallback()])
-    fit_and_log(trainer, tracking_uri, run_id)
+    fit_and_log(trainer, tracking_uri, run_id, closes_failed_runs=False)  # the study closes trial runs
 
 
 def check_search_space(cfg: Config) -> None:
