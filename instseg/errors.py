@@ -34,6 +34,13 @@ INTERNAL_ERROR_EXIT = 1
 INTERRUPTED_EXIT = 130
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """What an exception says, for a one-line message: its first line, redacted and cut to `limit`
+    characters, or its type's name when it says nothing (str(KeyError()) is '')."""
+    text = str(exc).strip()
+    return redact(text.splitlines()[0][:limit]) if text else type(exc).__name__
+
+
 def crash_log_dir() -> Path:
     """$INSTSEG_LOG_DIR, else ~/.cache/instseg/crashes (XDG_CACHE_HOME honoured)."""
     if os.environ.get("INSTSEG_LOG_DIR"):
@@ -75,7 +82,7 @@ def report_internal_error(exc: BaseException, prog: str, what: str = "internal e
         where = str(log)
     except OSError:
         log = None
-    summary = redact(str(exc).strip().splitlines()[0][:300]) if str(exc).strip() else ""
+    summary = first_line(exc, 300) if str(exc).strip() else ""  # the type is printed beside it
     advice = "please report it with" if what == "internal error" else "see"
     print(f"{prog}: {what} ({type(exc).__name__}: {summary}), {advice} the traceback in {where}", file=sys.stderr)
     if log is None:

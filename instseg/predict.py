@@ -14,7 +14,7 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from instseg.data.coco import LabelMap
 from instseg.data.files import atomic_write_json
 from instseg.engine.checkpoint import CHECKPOINT_FILE
-from instseg.errors import InstsegError
+from instseg.errors import InstsegError, first_line
 from instseg.metrics.coco_eval import to_coco_results
 from instseg.models.bundle import bundle_from_checkpoint, is_bundle, load_bundle
 
@@ -29,7 +29,7 @@ def load_image(path: str | Path) -> torch.Tensor:
     try:
         return decode_image(read_file(str(path)), mode=ImageReadMode.RGB).float().div_(255)
     except (RuntimeError, OSError) as exc:
-        raise InstsegError(f"cannot read image {path}: {str(exc).splitlines()[0]}") from None
+        raise InstsegError(f"cannot read image {path}: {first_line(exc, 1000)}") from None
 
 
 @torch.inference_mode()

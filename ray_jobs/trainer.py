@@ -14,7 +14,7 @@ from ray.train.torch import TorchTrainer
 from instseg.config import Config, absolute_tracking_uri
 from instseg.data.coco import dataset_fingerprint
 from instseg.data.loaders import build_datasets
-from instseg.errors import ConfigError, InstsegError
+from instseg.errors import ConfigError, InstsegError, first_line
 from instseg.metrics.names import FITNESS, FITNESS_MODE
 from instseg.models.bundle import bundle_from_checkpoint
 from instseg.models.weights import check_weights_available
@@ -216,7 +216,7 @@ def describe_node_loss(trainer: TorchTrainer, lost: dict[str, str], error: BaseE
     scaling, run = trainer.scaling_config, trainer.run_config
     nodes = ", ".join(f"{node_id} ({address})" for node_id, address in lost.items())
     need = f"{scaling.num_workers} worker(s) with {'1 GPU' if scaling.use_gpu else scaling.resources_per_worker}"
-    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    cause = first_line(error, 1000)
     return (
         f"training run '{run.name}' failed after losing node(s) {nodes}: the cluster could not restart "
         f"{need} (ray.max_failures={run.failure_config.max_failures}, "

@@ -25,7 +25,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from instseg.config import Config, flatten, with_values
-from instseg.errors import ConfigError
+from instseg.errors import ConfigError, first_line
 from instseg.metrics.names import EARLY_STOPPED, EPOCH, FITNESS, FITNESS_MODE
 from instseg.redaction import redact
 from instseg.tracking.liveness import DRIVER_TAGS, NOTE_TAG, Heartbeat
@@ -234,8 +234,7 @@ def _end_study(tracking_uri: str, parent: RunLogger, status: str, note: str) -> 
             parent.set_tags({NOTE_TAG: note})
             parent.finish(status)
     except Exception as exc:  # noqa: BLE001 (the next start closes what is left: tracking.liveness)
-        reason = redact(str(exc).splitlines()[0])
-        print(f"could not close the study's MLflow runs: {reason}", file=sys.stderr, flush=True)
+        print(f"could not close the study's MLflow runs: {first_line(exc)}", file=sys.stderr, flush=True)
 
 
 def _finish_study(cfg: Config, grid: Any, tracking_uri: str, parent: RunLogger) -> TuneSummary:

@@ -102,15 +102,24 @@ def decode_rle_string(text: str) -> list[int] | None:
     return runs
 
 
-def rle_covers(rle: dict[str, Any]) -> bool:
-    """An RLE whose 'size' is [height, width] and whose run lengths add up to exactly that many pixels."""
-    size, counts = rle.get("size"), rle.get("counts")
-    if not (isinstance(size, list) and len(size) == 2 and all(is_integer(v) and v >= 0 for v in size)):
-        return False
+def is_rle_size(size: Any) -> bool:
+    """[height, width]: two whole numbers of pixels."""
+    return isinstance(size, list) and len(size) == 2 and all(is_integer(v) and v >= 0 for v in size)
+
+
+def rle_runs(counts: Any) -> list[int] | None:
+    """The run lengths of an RLE's 'counts' (a compressed string or a list); None where they are not
+    non-negative whole numbers."""
     runs = decode_rle_string(counts) if isinstance(counts, str) else counts
     if not isinstance(runs, list) or not all(is_integer(v) and v >= 0 for v in runs):
-        return False
-    return sum(runs) == size[0] * size[1]
+        return None
+    return runs
+
+
+def rle_covers(rle: dict[str, Any]) -> bool:
+    """An RLE whose 'size' is [height, width] and whose run lengths add up to exactly that many pixels."""
+    size, runs = rle.get("size"), rle_runs(rle.get("counts"))
+    return is_rle_size(size) and runs is not None and sum(runs) == size[0] * size[1]
 
 
 def check_results(
@@ -143,11 +152,7 @@ def check_results(
                 f"(got {json.dumps(value)[:40]})"
             )
         image = images[image_id]
-        if (
-            needed == "segmentation"
-            and isinstance(value, dict)
-            and value["size"] != [image.get("height"), image.get("width")]
-        ):
+        if needed == "segmentation" and value["size"] != [image.get("height"), image.get("width")]:
             raise DataError(
                 f"{where}: RLE size {value['size']} is not image {image_id}'s "
                 f"[{image.get('height')}, {image.get('width')}]"

@@ -18,7 +18,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from instseg.data.formats import SOURCE_KEY, SplitData
-from instseg.data.schema import decode_rle_string, is_integer, is_number
+from instseg.data.schema import is_integer, is_number, is_rle_size, rle_runs
 
 # kinds that make an annotation unusable for training (the image itself stays)
 ANNOTATION_KINDS = (
@@ -117,18 +117,15 @@ def rle_problems(rle: dict[str, Any], width: int, height: int) -> list[tuple[str
     """An RLE's size must be the image's and its run lengths must cover exactly its pixels: pycocotools
     reads past the end of a short one instead of failing."""
     size, counts = rle.get("size"), rle.get("counts")
-    if not (isinstance(size, list) and len(size) == 2 and all(is_integer(v) and v >= 0 for v in size)):
+    if not is_rle_size(size):
         return [("bad_segmentation", f"RLE needs 'size': [height, width] (got {json.dumps(size)[:40]})")]
     if width and height and size != [height, width]:
         return [("coordinate_outside_image", f"RLE size {size} differs from the image's [{height}, {width}]")]
-    if isinstance(counts, str):
-        runs = decode_rle_string(counts)
-    elif isinstance(counts, list) and all(is_integer(v) and v >= 0 for v in counts):
-        runs = counts
-    else:
+    runs = rle_runs(counts)
+    if runs is None and not isinstance(counts, str):
         shown = json.dumps(counts)[:40]
         return [("bad_segmentation", f"RLE 'counts' must be a compressed string or a list of run lengths ({shown})")]
-    if runs is None or any(v < 0 for v in runs) or sum(runs) != size[0] * size[1]:
+    if runs is None or sum(runs) != size[0] * size[1]:
         return [("bad_segmentation", f"RLE counts do not cover the {size[0]}x{size[1]} pixels of its size")]
     if sum(runs[1::2]) == 0:
         return [("zero_area_mask", "RLE mask has no pixels")]

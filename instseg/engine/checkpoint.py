@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from instseg.data.files import atomic_path
-from instseg.errors import InstsegError
+from instseg.errors import InstsegError, first_line
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -66,8 +66,7 @@ def load_checkpoint(folder_or_file: str | os.PathLike[str]) -> dict[str, Any]:
     except FileNotFoundError:
         raise InstsegError(f"checkpoint not found: {path}") from None
     except Exception as exc:  # noqa: BLE001 (torch raises many kinds for a file that is not a checkpoint)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InstsegError(f"{path}: not a checkpoint that loads safely (weights_only): {reason[:200]}") from None
+        raise InstsegError(f"{path}: not a checkpoint that loads safely (weights_only): {first_line(exc)}") from None
     if not isinstance(state, dict) or not {"model", "config", "label_map"} <= set(state):
         if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
             raise InstsegError(

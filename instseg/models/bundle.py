@@ -20,7 +20,7 @@ from instseg.data.coco import LabelMap
 from instseg.data.files import atomic_write_json
 from instseg.data.schema import read_json_file
 from instseg.engine.checkpoint import atomic_torch_save, load_checkpoint
-from instseg.errors import InstsegError
+from instseg.errors import InstsegError, first_line
 from instseg.models.factory import build_model
 from instseg.models.weights import load_state_dict_file
 
@@ -58,12 +58,12 @@ def load_bundle(folder: str | os.PathLike[str]) -> tuple[nn.Module, LabelMap, di
         label_map = LabelMap.from_dict(meta["label_map"])
         model_cfg = ModelConfig.model_validate(meta["model"])
     except (KeyError, TypeError, ValueError) as exc:
-        reason = str(exc).splitlines()[0]
+        reason = first_line(exc, 1000)
         raise InstsegError(f"{folder / META_FILE}: not a bundle's model description ({reason})") from None
     model = build_model(model_cfg, label_map.num_classes)
     try:
         model.load_state_dict(load_state_dict_file(folder / WEIGHTS_FILE))
     except RuntimeError as exc:
-        reason = str(exc).splitlines()[0]
+        reason = first_line(exc, 1000)
         raise InstsegError(f"{folder / WEIGHTS_FILE} does not fit the model in {META_FILE}: {reason}") from None
     return model.eval(), label_map, meta

@@ -26,7 +26,7 @@ from torchvision.models.detection import (
 )
 
 from instseg.config import WEIGHT_KEYS, ModelConfig
-from instseg.errors import ConfigError
+from instseg.errors import ConfigError, first_line
 
 OFFLINE_ENV = "INSTSEG_OFFLINE"
 # the class-specific layers: re-initialised when a file was trained for another number of classes
@@ -87,7 +87,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise ConfigError(f"weights file not found: {path}") from None
     except Exception as exc:  # noqa: BLE001 (torch raises several kinds for a file that is not a tensor file)
-        raise ConfigError(f"{path}: not a readable state dict ({str(exc).splitlines()[0][:200]})") from None
+        raise ConfigError(f"{path}: not a readable state dict ({first_line(exc)})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # an instseg training checkpoint
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
@@ -117,7 +117,7 @@ def ensure_published(weights: WeightsEnum, key: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=match.group(1) if match else None)
     except (urllib.error.URLError, OSError, RuntimeError) as exc:  # RuntimeError: hash mismatch
-        raise ConfigError(offline_message(weights, key, str(exc).splitlines()[0][:200] or type(exc).__name__)) from None
+        raise ConfigError(offline_message(weights, key, first_line(exc))) from None
     return path
 
 

@@ -18,7 +18,7 @@ from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from instseg.config import absolute_tracking_uri
-from instseg.errors import ConfigError
+from instseg.errors import ConfigError, first_line
 from instseg.redaction import redact
 
 LIBRARIES = ("torch", "torchvision", "ray", "mlflow", "prefect", "optuna", "pycocotools", "instseg")
@@ -66,8 +66,7 @@ def check_tracking_reachable(uri: str) -> None:
         with quick_requests():
             MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 (connection refused, timeout, 401, TLS: all mean "not usable")
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot reach the MLflow tracking server at {redact(uri)}: {redact(reason)}") from None
+        raise ConfigError(f"cannot reach the MLflow tracking server at {redact(uri)}: {first_line(exc)}") from None
 
 
 def resolve_tracking_uri(uri: str | None = None, base: Path | None = None) -> str:
@@ -158,7 +157,7 @@ class RunLogger:
         try:
             self.finish(status)
         except Exception as exc:  # noqa: BLE001 (an outage must not replace the error being raised)
-            print(f"could not mark MLflow run {self.run_id} {status}: {redact(str(exc).splitlines()[0])}", flush=True)
+            print(f"could not mark MLflow run {self.run_id} {status}: {first_line(exc)}", flush=True)
 
     def tags(self) -> dict[str, str]:
         return dict(self.client.get_run(self.run_id).data.tags)

@@ -471,3 +471,15 @@ def test_our_own_bug_is_one_line_and_a_log_file(tmp_path, monkeypatch, capsys):
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "internal error (ZeroDivisionError: a bug of ours), please report it" in err and str(log) in err
     assert "Traceback" in log.read_text() and "ZeroDivisionError" in log.read_text()
+
+
+def test_an_error_line_never_fails_itself_and_never_shows_a_password():
+    """first_line is what every one-line message quotes of an exception: an exception without a message
+    (KeyError()) gives its type instead of an IndexError in the middle of error handling."""
+    from instseg.errors import first_line
+
+    assert first_line(KeyError()) == "KeyError"
+    assert first_line(RuntimeError("\n  connect to http://alice:s3/cr@t@host:5000 failed\nmore")) == (
+        "connect to http://***@host:5000 failed"
+    )
+    assert len(first_line(ValueError("x" * 500))) == 200
