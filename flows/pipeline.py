@@ -57,7 +57,9 @@ def promote_task(config: dict[str, Any], registered: dict[str, Any]) -> dict[str
 
     def score(bundle_dir: Path) -> dict[str, float]:
         model, label_map, _ = load_bundle(bundle_dir)
-        return evaluate_on_split(model, label_map, cfg.data, cfg.data.val_split, cfg.metrics.fitness_weights)
+        return evaluate_on_split(
+            model, label_map, cfg.data, cfg.data.val_split, cfg.metrics.fitness_weights, backend=cfg.metrics.backend
+        )
 
     result = promote(cfg.tracking.uri, registered["model_name"], score)
     get_run_logger().info(

@@ -81,7 +81,9 @@ def _metrics(args: argparse.Namespace) -> int:
     results = check_results(
         read_json_file(Path(args.results)), args.results, coco_gt.imgs, set(coco_gt.getCatIds()), args.iou_type
     )
-    report, curves, matrix = evaluate_results(coco_gt, results, args.iou_type, MetricsConfig().fitness_weights, args.conf, args.iou)
+    report, curves, matrix = evaluate_results(
+        coco_gt, results, args.iou_type, MetricsConfig().fitness_weights, args.conf, args.iou, args.backend
+    )
     names = [coco_gt.cats[c]["name"] for c in sorted(coco_gt.getCatIds())]
     files = write_report(Path(args.out), report, curves, matrix, names)
     key = f"{args.iou_type}_map"
@@ -94,8 +96,9 @@ def _metrics(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from instseg.predict import predict
 
-    summary = predict(args.model, args.images, args.out, tracking_uri=args.tracking_uri)
-    print(f"{summary['detections']} detections on {summary['images']} images -> {summary['out']}")
+    summary = predict(args.model, args.images, args.out, tracking_uri=args.tracking_uri, device=args.device,
+                      batch_size=args.batch)
+    print(f"{summary['detections']} detections on {summary['images']} images ({summary['device']}) -> {summary['out']}")
     return 0
 
 
@@ -183,12 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     met.add_argument("--out", default="metrics", help="output folder (default metrics/)")
     met.add_argument("--conf", type=float, default=0.25, help="confusion matrix confidence threshold (default 0.25)")
     met.add_argument("--iou", type=float, default=0.45, help="confusion matrix IoU threshold (default 0.45)")
+    met.add_argument("--backend", choices=("faster", "pycocotools"), default="faster",
+                     help="COCO scoring library (default faster: faster-coco-eval, the same stats)")
     met.set_defaults(handler=_metrics)
 
     pred = commands.add_parser("predict", help="predict images -> COCO results JSON")
     pred.add_argument("--model", required=True, help="models:/NAME@champion, a bundle folder or a checkpoint")
     pred.add_argument("images", nargs="+", help="image files")
     pred.add_argument("--out", default="preds.json", help="results JSON path (default preds.json)")
+    pred.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
+    pred.add_argument("--batch", type=int, default=4, help="images per forward pass (default 4)")
     pred.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     pred.set_defaults(handler=_predict)
     return parser

@@ -77,6 +77,13 @@ class ModelConfig(_Section):
         raise ValueError("must be DEFAULT, none, or a path to a .pt/.pth state dict")
 
 
+CUDNN_BENCHMARK_REFUSAL = (
+    "true is refused: it made training 2.2x slower (0.46x: R50-FPN v2, 800 px, bf16, one H200; bench/gpu_train.py "
+    "levers). Mask R-CNN's RoI heads change shape every step, so cuDNN tunes its convolutions again every step. "
+    "Remove the key"
+)
+
+
 class TrainConfig(_Section):
     epochs: int = Field(12, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -94,12 +101,20 @@ class TrainConfig(_Section):
     amp: Literal["off", "bf16", "fp16"] = "off"
     grad_clip_norm: float = Field(0.0, ge=0.0)
     channels_last: bool = False
+    # refused when true (see _no_cudnn_benchmark); the key stays so that configs that turn it off still load
     cudnn_benchmark: bool = False
 
     @field_validator("amp", mode="before")
     @classmethod
     def _amp_off(cls, value: Any) -> Any:
         return "off" if value is False else value  # YAML reads an unquoted `off` (train.amp=off) as false
+
+    @field_validator("cudnn_benchmark")
+    @classmethod
+    def _no_cudnn_benchmark(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(CUDNN_BENCHMARK_REFUSAL)
+        return value
 
 
 class MetricsConfig(_Section):
@@ -112,6 +127,8 @@ class MetricsConfig(_Section):
             "val/segm_map": 0.9,
         }
     )
+    # faster-coco-eval gives pycocotools' stats several times faster (bench/eval.py); pycocotools is the original
+    backend: Literal["faster", "pycocotools"] = "faster"
 
 
 class RayConfig(_Section):
@@ -119,6 +136,8 @@ class RayConfig(_Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
+    # below 1, trials share a GPU (e.g. 0.25: four at once); one worker per trial then (see _shared_gpu_one_worker)
+    gpus_per_worker: float = Field(1.0, gt=0.0, le=1.0)
     storage_path: str = "ray_results"
     max_failures: int = Field(0, ge=-1)
     max_startup_failures: int = Field(3, ge=-1)
@@ -168,6 +187,15 @@ class Config(_Section):
     def _sync_batchnorm_needs_gpus(self) -> "Config":
         if self.model.sync_batchnorm and not self.ray.use_gpu:
             raise ValueError("model.sync_batchnorm needs ray.use_gpu=true (SyncBatchNorm runs on GPUs only)")
+        return self
+
+    @model_validator(mode="after")
+    def _shared_gpu_one_worker(self) -> "Config":
+        if self.ray.gpus_per_worker < 1 and self.ray.num_workers > 1:
+            raise ValueError(
+                f"ray.gpus_per_worker={self.ray.gpus_per_worker} puts several workers on one GPU, which DDP cannot "
+                "do (NCCL needs a GPU per rank): use it with ray.num_workers=1, to run trials side by side"
+            )
         return self
 
     @model_validator(mode="after")

@@ -13,7 +13,7 @@ from instseg.config import DataConfig
 from instseg.data.coco import CocoInstanceDataset, LabelMap
 from instseg.data.loaders import build_loader
 from instseg.engine.loops import evaluate
-from instseg.metrics.coco_eval import CocoEvaluator
+from instseg.metrics.coco_eval import DEFAULT_BACKEND, Backend, CocoEvaluator
 from instseg.metrics.fitness import fitness
 from instseg.metrics.names import FITNESS
 from instseg.metrics.plots import plot_example
@@ -29,11 +29,12 @@ def evaluate_on_split(
     split: str,
     fitness_weights: Mapping[str, float],
     device: torch.device | None = None,
+    backend: Backend = DEFAULT_BACKEND,
 ) -> dict[str, float]:
     """COCO metrics plus FITNESS of `model` on `data.root`'s `split`."""
     device = device or torch.device("cpu")
     dataset = CocoInstanceDataset(data.root, split, label_map=label_map, on_invalid=data.on_invalid)
-    evaluator = CocoEvaluator(dataset.coco, label_map)
+    evaluator = CocoEvaluator(dataset.coco, label_map, backend=backend)
     metrics = evaluate(model.to(device), build_loader(dataset, data, shuffle=False), device, evaluator)
     metrics[FITNESS] = fitness(metrics, fitness_weights)
     return metrics

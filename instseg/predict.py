@@ -19,6 +19,25 @@ from instseg.metrics.coco_eval import to_coco_results
 from instseg.models.bundle import bundle_from_checkpoint, is_bundle, load_bundle
 
 
+def resolve_device(spec: str) -> torch.device:
+    """--device: auto (the first GPU if there is one, else the CPU), cpu, cuda or cuda:N."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise InstsegError(f"--device {spec}: give auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InstsegError(f"--device {spec}: give auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise InstsegError(f"--device {spec}: this machine has no CUDA device (use --device cpu or auto)")
+        if device.index is not None and device.index >= count:
+            raise InstsegError(f"--device {spec}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return device
+
+
 def image_id_for(path: str | Path, position: int) -> int:
     """COCO file names are the image id (000000000036.jpg -> 36); other names get their 1-based position."""
     stem = Path(path).stem
@@ -68,13 +87,24 @@ def resolve_bundle(model: str, workdir: Path, tracking_uri: str | None = None) -
     raise InstsegError(f"model not found: {model} (give models:/NAME@alias, a bundle folder or a checkpoint)")
 
 
-def predict(model: str, images: Sequence[str], out: str | os.PathLike[str], tracking_uri: str | None = None) -> dict[str, Any]:
+def predict(
+    model: str,
+    images: Sequence[str],
+    out: str | os.PathLike[str],
+    tracking_uri: str | None = None,
+    device: str = "auto",
+    batch_size: int = 4,
+) -> dict[str, Any]:
+    """Predict `images` with `model` on `device` (see resolve_device), `batch_size` images per forward pass."""
+    target = resolve_device(device)
+    if batch_size < 1:
+        raise InstsegError(f"--batch {batch_size}: give at least 1")
     missing = [p for p in images if not Path(p).is_file()]
     if missing:
         raise InstsegError(f"image not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     with tempfile.TemporaryDirectory(prefix="instseg-predict-") as tmp:
         net, label_map, _ = load_bundle(resolve_bundle(model, Path(tmp), tracking_uri))
-    results = predict_paths(net, label_map, images)
+    results = predict_paths(net, label_map, images, device=target, batch_size=batch_size)
     out = Path(out)
     atomic_write_json(out, results)
-    return {"images": len(images), "detections": len(results), "out": str(out)}
+    return {"images": len(images), "detections": len(results), "out": str(out), "device": str(target)}

@@ -102,7 +102,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     val_loader = build_loader(val_set, cfg.data, shuffle=False)
     stored_config = redact_tree(cfg.model_dump())  # checkpoints and bundles travel: no credentials in them
-    evaluator = CocoEvaluator(val_set.coco, label_map)
+    evaluator = CocoEvaluator(val_set.coco, label_map, backend=cfg.metrics.backend)
     for epoch in range(start_epoch, cfg.train.epochs):
         started = time.perf_counter()
         sampler = train_loader.batch_sampler if cfg.data.aspect_ratio_grouping else train_loader.sampler

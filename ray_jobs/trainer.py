@@ -111,6 +111,17 @@ def open_train_run(cfg: Config, tracking_uri: str, name: str) -> tuple[str, bool
     return run_id, True
 
 
+def scaling_config(cfg: Config) -> ray.train.ScalingConfig:
+    """Workers and what each reserves: ray.cpus_per_worker CPUs, and on GPUs ray.gpus_per_worker of one
+    (fractional: trials side by side on one GPU)."""
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = cfg.ray.gpus_per_worker
+    return ray.train.ScalingConfig(
+        num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources
+    )
+
+
 def build_trainer(cfg: Config, *, tracking_uri: str, run_id: str, name: str, callbacks: list | None = None) -> TorchTrainer:
     """cfg must have absolute paths (config.resolve_paths): workers run in another directory.
 
@@ -119,11 +130,7 @@ def build_trainer(cfg: Config, *, tracking_uri: str, run_id: str, name: str, cal
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(), "tracking_uri": tracking_uri, "run_id": run_id},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.ray.num_workers,
-            use_gpu=cfg.ray.use_gpu,
-            resources_per_worker=None if cfg.ray.use_gpu else {"CPU": cfg.ray.cpus_per_worker},
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=cfg.ray.storage_path,
@@ -215,7 +222,7 @@ def describe_node_loss(trainer: TorchTrainer, lost: dict[str, str], error: BaseE
     """One line: which nodes went, what the run needs to restart, and how to resume it."""
     scaling, run = trainer.scaling_config, trainer.run_config
     nodes = ", ".join(f"{node_id} ({address})" for node_id, address in lost.items())
-    need = f"{scaling.num_workers} worker(s) with {'1 GPU' if scaling.use_gpu else scaling.resources_per_worker}"
+    need = f"{scaling.num_workers} worker(s) with {scaling.resources_per_worker}"
     cause = first_line(error, 1000)
     return (
         f"training run '{run.name}' failed after losing node(s) {nodes}: the cluster could not restart "

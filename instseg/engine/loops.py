@@ -25,7 +25,7 @@ class NonFiniteLossError(InstsegError):
     exit_code = 1
 
 
-def _to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device) -> tuple[list, list]:
+def batch_to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device) -> tuple[list, list]:
     """Move a batch; uint8 images (as datasets hand them over) become float [0, 1] on the device."""
     images = [image.to(device, non_blocking=True) for image in images]
     images = [image.float().div_(255) if image.dtype == torch.uint8 else image for image in images]
@@ -48,24 +48,24 @@ def train_one_epoch(
     training throughput in images/s (data loading included).
 
     `scheduler` steps per iteration (warm-up + per-iteration decay); `precision` sets autocast and the
-    fp16 loss scaler; `grad_clip_norm` > 0 clips the global gradient norm (after unscaling)."""
+    fp16 loss scaler; `grad_clip_norm` > 0 clips the global gradient norm (after unscaling).
+
+    The loop itself does not make the host wait for the GPU each step (torchvision's references read the
+    loss before every backward): the losses are summed on the device and read every `log_every` steps and at
+    the end, which is also when a non-finite loss is caught. It stops the epoch before its checkpoint, so the
+    few steps taken on NaN weights are never saved."""
     precision = precision or Precision(device.type)
     scaler = precision.scaler
     model.train()
-    sums = dict.fromkeys((*TRAIN_LOSS_KEYS, "loss"), 0.0)  # plus any extra term (loss_mask_dice)
+    sums: dict[str, torch.Tensor] = {}
     steps = images_seen = 0
     start = time.perf_counter()
     for images, targets in loader:
         images_seen += len(images)
-        images, targets = _to_device(images, targets, device)
+        images, targets = batch_to_device(images, targets, device)
         with precision.autocast():
             loss_dict = model(images, targets)
         loss = sum(loss.float() for loss in loss_dict.values())
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} at step {steps} "
-                f"({ {k: round(v.item(), 4) for k, v in loss_dict.items()} }): lower train.lr or check the data"
-            )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -81,18 +81,33 @@ def train_one_epoch(
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        for key, value in loss_dict.items():
-            sums[key] = sums.get(key, 0.0) + value.item()
-        sums["loss"] += loss.item()
+        for key, value in (*loss_dict.items(), ("loss", loss)):
+            value = value.detach().float()
+            sums[key] = sums[key] + value if key in sums else value
         steps += 1
-        if progress is not None and steps % log_every == 0:
-            rate = steps / (time.perf_counter() - start)
-            progress(f"step {steps}: loss {sums['loss'] / steps:.4f} ({rate:.2f} it/s)")
+        if steps % log_every == 0:
+            means = _read_means(sums, steps)
+            if progress is not None:
+                progress(f"step {steps}: loss {means['loss']:.4f} ({steps / (time.perf_counter() - start):.2f} it/s)")
     elapsed = time.perf_counter() - start
-    steps = max(steps, 1)
-    means = {train_key(key): value / steps for key, value in sums.items() if key != "loss"}
-    means[TRAIN_LOSS] = sums["loss"] / steps
-    means[WORKER_THROUGHPUT] = images_seen / elapsed if elapsed > 0 else 0.0
+    means = _read_means(sums, steps) if steps else dict.fromkeys((*TRAIN_LOSS_KEYS, "loss"), 0.0)
+    result = {train_key(key): value for key, value in means.items() if key != "loss"}
+    result[TRAIN_LOSS] = means["loss"]
+    result[WORKER_THROUGHPUT] = images_seen / elapsed if elapsed > 0 else 0.0
+    return result
+
+
+def _read_means(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+    """The mean of each summed loss over `steps` (one host sync for all); NonFiniteLossError if any is not
+    finite."""
+    keys = list(sums)
+    values = (torch.stack([sums[key] for key in keys]) / steps).tolist()
+    means = dict(zip(keys, values))
+    if not all(math.isfinite(value) for value in values):
+        raise NonFiniteLossError(
+            f"training loss is {means['loss']} by step {steps} "
+            f"(means { {k: round(v, 4) for k, v in means.items() if k != 'loss'} }): lower train.lr or check the data"
+        )
     return means
 
 
@@ -115,7 +130,7 @@ def validation_loss(model: nn.Module, loader: Iterable, device: torch.device) ->
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(VALIDATION_SEED)
             for images, targets in loader:
-                images, targets = _to_device(images, targets, device)
+                images, targets = batch_to_device(images, targets, device)
                 for key, value in model(images, targets).items():
                     sums[key] = sums.get(key, 0.0) + value.item()
                 steps += 1
@@ -129,13 +144,14 @@ def validation_loss(model: nn.Module, loader: Iterable, device: torch.device) ->
 @torch.inference_mode()
 def predict_into(model: nn.Module, loader: Iterable, device: torch.device, evaluator: CocoEvaluator) -> None:
     """Feed the predictions of `model` over `loader` to `evaluator` (reset first; eval mode, so
-    BatchNorm statistics are untouched)."""
+    BatchNorm statistics are untouched). Always in fp32: under bf16 autocast the class logits behind the
+    detection scores are bf16, and their ties would reorder the ranking that COCO AP is computed from."""
     was_training = model.training
     model.eval()
     evaluator.reset()
     try:
         for images, targets in loader:
-            images, _ = _to_device(images, [], device)
+            images, _ = batch_to_device(images, [], device)
             evaluator.process(targets, model(images))
     finally:
         model.train(was_training)

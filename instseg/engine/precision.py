@@ -53,5 +53,7 @@ def resolve_precision(mode: str, device: torch.device, warn=print) -> Precision:
 
 
 def apply_backend_flags(train: TrainConfig) -> None:
-    """cudnn.benchmark picks the fastest convolution per input shape (worth it with fixed sizes)."""
-    torch.backends.cudnn.benchmark = bool(train.cudnn_benchmark)
+    """cuDNN's autotuner stays off: Mask R-CNN's RoI heads change shape every step, so it would tune again
+    every step (config.CUDNN_BENCHMARK_REFUSAL has the measurement). Set here because a library the job
+    imported may have turned it on."""
+    torch.backends.cudnn.benchmark = False

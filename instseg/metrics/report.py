@@ -12,7 +12,7 @@ from pycocotools.coco import COCO
 
 from instseg.data.coco import LabelMap, to_rle
 from instseg.data.files import atomic_write_json
-from instseg.metrics.coco_eval import coco_stats, results_for
+from instseg.metrics.coco_eval import DEFAULT_BACKEND, Backend, coco_stats, results_for
 from instseg.metrics.detection import (
     ClassCurves,
     ConfusionMatrix,
@@ -76,11 +76,17 @@ def curves_matrix_dice(
 
 
 def evaluate_results(
-    coco_gt: COCO, results: list[dict[str, Any]], iou_type: str, fitness_weights: Mapping[str, float], conf: float = 0.25, iou_thres: float = 0.45
+    coco_gt: COCO,
+    results: list[dict[str, Any]],
+    iou_type: str,
+    fitness_weights: Mapping[str, float],
+    conf: float = 0.25,
+    iou_thres: float = 0.45,
+    backend: Backend = DEFAULT_BACKEND,
 ) -> tuple[dict[str, Any], ClassCurves, ConfusionMatrix]:
     """metrics.json content: the 12 COCO stats, P / R / F1 at the best confidence, per-class AP, Dice,
     fitness (over this IoU type's metrics) and the confusion matrix."""
-    stats = coco_stats(coco_gt, results_for(results, iou_type), iou_type, coco_gt.getImgIds())
+    stats = coco_stats(coco_gt, results_for(results, iou_type), iou_type, coco_gt.getImgIds(), backend)
     coco = {val_key(iou_type, name): value for name, value in zip(COCO_STAT_NAMES, stats)}
     curves, matrix, dice = curves_matrix_dice(coco_gt, results, iou_type, conf, iou_thres)
     names = {i: coco_gt.cats[c]["name"] for i, c in enumerate(sorted(coco_gt.getCatIds()))}

@@ -26,7 +26,10 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from instseg.config import WEIGHT_KEYS, ModelConfig
 from instseg.errors import ConfigError
+from instseg.models.box_coding import use_float32_box_decoding
 from instseg.models.dice_heads import DiceRoIHeads
+from instseg.models.paste import use_batched_paste
+from instseg.models.rpn import use_level_nms
 from instseg.models.weights import (
     fit_backbone_weights,
     fit_model_weights,
@@ -133,6 +136,9 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     )
     if cfg.mask_dice_weight > 0:
         model.roi_heads = DiceRoIHeads.from_heads(model.roi_heads, cfg.mask_dice_weight)
+    use_batched_paste(model)  # inference pastes all masks of an image at once (instseg.models.paste)
+    use_level_nms(model)  # proposals suppressed one FPN level per NMS call (instseg.models.rpn)
+    use_float32_box_decoding(model)  # bf16 autocast keeps float32 boxes (instseg.models.box_coding)
     for key in WEIGHT_KEYS:  # at most one is set (config validation)
         value = getattr(cfg, key)
         if is_none(value):

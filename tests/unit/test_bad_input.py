@@ -436,6 +436,32 @@ def test_predict_on_a_file_that_is_not_an_image(bundle, tmp_path, capsys):
     _assert_clean_failure(capsys.readouterr(), code, 2, ["cannot read image", "notes.jpg"])
 
 
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (["--device", "tpu"], ["--device tpu", "auto, cpu, cuda or cuda:N"]),
+        (["--device", "cuda:x"], ["--device cuda:x", "auto, cpu, cuda or cuda:N"]),
+        (["--batch", "0"], ["--batch 0", "at least 1"]),
+    ]
+    + ([(["--device", "cuda"], ["--device cuda", "no CUDA device"])] if not torch.cuda.is_available() else []),
+)
+def test_predict_refuses_a_device_or_batch_it_cannot_use(options, expected, bundle, synth_root, tmp_path, capsys):
+    image = next((synth_root / "images" / "val").glob("*.jpg"))
+    code = cli_main(["predict", "--model", str(bundle), str(image), "--out", str(tmp_path / "p.json"), *options])
+    _assert_clean_failure(capsys.readouterr(), code, 2, expected)
+
+
+def test_predict_on_the_cpu_in_batches_matches_one_by_one(bundle, synth_root, tmp_path, capsys):
+    images = sorted((synth_root / "images" / "val").glob("*.jpg"))[:3]
+    for batch in ("1", "3"):
+        assert cli_main(["predict", "--model", str(bundle), *map(str, images), "--out", str(tmp_path / f"{batch}.json"),
+                         "--device", "cpu", "--batch", batch]) == 0
+    assert "(cpu)" in capsys.readouterr().out
+    one, three = (json.loads((tmp_path / f"{b}.json").read_text()) for b in ("1", "3"))
+    assert [r["image_id"] for r in one] == [r["image_id"] for r in three]
+    assert [r["segmentation"] for r in one] == [r["segmentation"] for r in three]
+
+
 def test_convert_and_synth_refuse_what_they_cannot_use(dataset, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     cases = [

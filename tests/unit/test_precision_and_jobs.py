@@ -90,3 +90,23 @@ def test_runtime_env_file_gets_an_absolute_working_dir(tmp_path, monkeypatch):
     assert load_runtime_env("env.yaml", None) == {"working_dir": str(tmp_path), "excludes": ["data"]}
     with pytest.raises(ConfigError, match="runtime env file not found"):
         load_runtime_env("missing.yaml", None)
+
+
+def test_cudnn_benchmark_is_refused_with_the_measured_reason():
+    with pytest.raises(ConfigError, match=r"train.cudnn_benchmark.*2.2x slower.*RoI heads change shape"):
+        load(DEMO_CONFIG, ["train.cudnn_benchmark=true"])
+    assert load(DEMO_CONFIG, ["train.cudnn_benchmark=false"]).train.cudnn_benchmark is False
+
+
+def test_trials_share_a_gpu_through_fractional_gpus_per_worker():
+    from ray_jobs.trainer import scaling_config
+
+    cfg = load(DEMO_CONFIG, ["ray.use_gpu=true", "ray.gpus_per_worker=0.25", "ray.cpus_per_worker=2"])
+    scaling = scaling_config(cfg)
+    assert scaling.use_gpu and scaling.num_workers == 1
+    assert scaling.resources_per_worker == {"CPU": 2.0, "GPU": 0.25}
+    assert scaling_config(load(DEMO_CONFIG, [])).resources_per_worker == {"CPU": 0.9}, "no GPU asked for on CPU"
+    with pytest.raises(ConfigError, match=r"gpus_per_worker=0.5 puts several workers on one GPU"):
+        load(DEMO_CONFIG, ["ray.use_gpu=true", "ray.gpus_per_worker=0.5", "ray.num_workers=2"])
+    with pytest.raises(ConfigError, match="ray.gpus_per_worker"):
+        load(DEMO_CONFIG, ["ray.gpus_per_worker=2"])
