@@ -5,10 +5,11 @@ Sections (each prints its rows as they finish; --sections picks some):
   train     images/s and peak memory of our step (instseg.engine.loops.train_one_epoch: uint8 batches from
             pinned memory, losses summed on the device) and of a torchvision-references-style loop (the
             anchor: float batches as its loader hands them over, loss.item() before backward, every loss read
-            each step, SGD), in the fine-tune setting (pretrained-style: ResNet stem and layer1 frozen, as
-            model.trainable_backbone_layers=3 builds it) and from scratch, fp32 and bf16; ours/reference ratio
-  levers    our fine-tune bf16 step with channels_last, batch x2 (the LR rule keeps the recipe), TF32 and
-            cudnn.benchmark, each against the plain one
+            each step, SGD; torchvision's own RPN and mask paste), in the fine-tune setting (pretrained-style:
+            ResNet stem and layer1 frozen, as model.trainable_backbone_layers=3 builds it) and from scratch,
+            fp32 and bf16; ours/reference ratio
+  levers    our fine-tune bf16 step with channels_last, batch x2 and x4 (the LR rule keeps the recipe), TF32
+            and cudnn.benchmark, each against the plain one and the reference at --batch (--levers picks some)
   validate  eval forward + mask paste + RLE encoding, 100 detections per image: ours (batched paste on the
             device, threshold on the device, encoding in CocoEvaluator's threads) vs torchvision's (paste one
             mask at a time, outputs to the host, encode each mask) as the references' evaluate() does
@@ -20,8 +21,8 @@ Sections (each prints its rows as they finish; --sections picks some):
   compile   torch.compile of backbone + FPN on fixed-size batches: compile seconds, images/s, break-even
 
 Images are synthetic (random pixels, 1-6 box-shaped instances) except in `loader`; weights are random, so no
-download is needed. A GPU run of every section took 374 s on an H200; --budget-s skips what
-would not fit.
+download is needed. A GPU run of every section took 374 s on an H200; --budget-s skips what would not fit.
+bench/gpu_session.sh runs it on a GPU machine without network.
 
     python bench/gpu_train.py [--size 800] [--batch 8] [--steps 20] [--coco128 ../shared/datasets/coco128-seg]
     python bench/gpu_train.py --device cpu --arch tiny --size 128 --batch 2 --warmup 1 --steps 2   # self-test
@@ -47,6 +48,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from torchvision.models.detection._utils import BoxCoder  # noqa: E402
 from torchvision.models.detection.rpn import RegionProposalNetwork  # noqa: E402
 from torchvision.models.detection.transform import GeneralizedRCNNTransform  # noqa: E402
 
@@ -90,8 +92,15 @@ def as_reference_batches(batches: list[Batch]) -> list[Batch]:
 
 
 def pinned(batches: list[Batch]) -> list[Batch]:
-    """What our loader hands over on a GPU machine: uint8 images in pinned memory (data.pin_memory)."""
-    return [([image.pin_memory() for image in images], targets) for images, targets in batches]
+    """What our loader hands over on a GPU machine (data.pin_memory): uint8 images and the targets' tensors
+    in pinned memory, so that copies to the device do not wait for the host."""
+    return [
+        (
+            [image.pin_memory() for image in images],
+            [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in target.items()} for target in targets],
+        )
+        for images, targets in batches
+    ]
 
 
 def reference_train_steps(
@@ -124,16 +133,19 @@ def reference_train_steps(
 
 
 def as_torchvision(model: nn.Module) -> nn.Module:
-    """The reference runs torchvision's own RPN and transform: instseg swaps in level-by-level NMS
-    (instseg.models.rpn) and the batched mask paste (instseg.models.paste); weights are unaffected."""
+    """The reference runs torchvision's own RPN, box coders and transform, where instseg swaps in
+    level-by-level NMS (instseg.models.rpn), float32 box decoding (instseg.models.box_coding) and the batched
+    mask paste (instseg.models.paste); the weights are the same."""
     model.rpn.__class__ = RegionProposalNetwork
+    model.rpn.box_coder.__class__ = BoxCoder
+    model.roi_heads.box_coder.__class__ = BoxCoder
     model.transform.__class__ = GeneralizedRCNNTransform
     return model
 
 
-def reference_optimizer(model: nn.Module, lr: float = 0.01) -> torch.optim.Optimizer:
-    """The references' optimizer: SGD, momentum 0.9, weight decay 1e-4 (lr 0.01 here, as ours: random weights
-    diverge sooner at the references' 0.02 without their warm-up)."""
+def reference_optimizer(model: nn.Module, lr: float = 0.002) -> torch.optim.Optimizer:
+    """The references' optimizer: SGD, momentum 0.9, weight decay 1e-4 (lr 0.002 here, as ours: random
+    weights diverge at the references' 0.02 without their warm-up)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
 
@@ -159,6 +171,8 @@ def our_steps(model: nn.Module, device: torch.device, train: TrainConfig) -> Cal
 
 
 class Bench:
+    """The sections, sharing one device, a time budget and the rows written so far."""
+
     def __init__(self, args: argparse.Namespace, device: torch.device, workdir: Path) -> None:
         self.args, self.device, self.workdir = args, device, workdir
         self.started = time.perf_counter()
