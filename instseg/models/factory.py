@@ -10,6 +10,9 @@ tiny), none (random init) or a state-dict file; `model.backbone_weights` DEFAULT
 backbone under fresh detection layers. With pretrained weights the network takes torchvision's fine-tuning
 layout: the first backbone stages frozen (model.trainable_backbone_layers), BatchNorm frozen where
 torchvision freezes it (v1, tiny).
+Every model also gets three stateless swaps of torchvision parts, the same weights and state dicts: RPN NMS level
+by level (instseg.models.rpn), box decoding in float32 under autocast (instseg.models.box_coding) and all masks
+of an image pasted at once (instseg.models.paste).
 """
 
 from __future__ import annotations
