@@ -19,6 +19,10 @@ Sections (each prints its rows as they finish; --sections picks some):
             lets Tune do): aggregate images/s, for the R50 model and the tiny preset
   profile   share of wall time the GPU is busy in our step and the reference's, and our top kernels
   compile   torch.compile of backbone + FPN on fixed-size batches: compile seconds, images/s, break-even
+  syncs     the operations in one training step that make the host wait for the GPU (nonzero, item, boolean
+            indexing, unique), counted for our step and the reference's by the torchvision or instseg
+            function that calls them: where the GPU idles. Runs on a CPU too (same code path, except that
+            torchvision's batched_nms takes its per-level branch there)
 
 Images are synthetic (random pixels, 1-6 box-shaped instances) except in `loader`; weights are random, so no
 download is needed. A GPU run of every section took 374 s on an H200; --budget-s skips what would not fit.
@@ -38,6 +42,8 @@ import multiprocessing
 import sys
 import tempfile
 import time
+import traceback
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +51,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -61,7 +68,17 @@ from instseg.metrics.coco_eval import CocoEvaluator  # noqa: E402
 from instseg.models import build_model  # noqa: E402
 
 NUM_CLASSES = 81  # COCO's 80 + background: the head size users fine-tune
-SECTIONS = ("train", "validate", "levers", "compile", "loader", "profile", "sharing")  # most wanted first
+SECTIONS = ("train", "validate", "levers", "compile", "loader", "profile", "sharing", "syncs")  # most wanted first
+# aten operations whose result size or value the host must read, so that a GPU stream is drained first
+SYNCING_OPS = {
+    "aten._local_scalar_dense.default",  # .item(), int(t), bool(t)
+    "aten.nonzero.default",  # torch.where(mask), boolean indexing
+    "aten.masked_select.default",
+    "aten._unique2.default",
+    "aten.is_nonzero.default",
+    "aten.equal.default",
+    "aten.repeat_interleave.Tensor",
+}
 Batch = tuple[list[torch.Tensor], list[dict]]
 
 
@@ -516,6 +533,52 @@ class Bench:
             f"pays off after {break_even:.0f} images",
             flush=True,
         )
+
+    def syncs(self) -> None:
+        args = self.args
+        batches = synthetic_batches(2, args.batch, args.size, seed=5)
+        print(f"\n## syncs: operations that wait for the GPU, one fine-tune fp32 step of {args.batch} images")
+        for name in ("ours", "reference"):
+            model = self.model("fine-tune", args.size)
+            if name == "ours":
+                step, data = our_steps(model, self.device, our_train_config("off")), batches
+            else:
+                model, data = as_torchvision(model), as_reference_batches(batches)
+                optimizer = reference_optimizer(model)
+                step = lambda chunk: reference_train_steps(model, optimizer, chunk, self.device)  # noqa: E731
+            step(data[:1])
+            counter = SyncCounter()
+            with counter:
+                step(data[1:])
+            total = sum(counter.calls.values())
+            self.record("syncs", loop=name, total=total, by_function=dict(counter.calls))
+            where = ", ".join(f"{place} {count}" for place, count in counter.calls.most_common())
+            print(f"{name:<10} {total:>4}: {where}", flush=True)
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts SYNCING_OPS (and indexing with a boolean mask) by the innermost torchvision, instseg or bench
+    function on the Python stack when they run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        boolean_index = name == "aten.index.Tensor" and any(
+            index is not None and index.dtype == torch.bool for index in args[1]
+        )
+        if name in SYNCING_OPS or boolean_index:
+            ours = [
+                frame
+                for frame in traceback.extract_stack()
+                if any(part in frame.filename for part in ("torchvision", "instseg", "gpu_train"))
+                and frame.name != "__torch_dispatch__"
+            ]
+            where = f"{Path(ours[-1].filename).name}:{ours[-1].name}" if ours else "?"
+            self.calls[where] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def merged_busy_us(events: list) -> float:

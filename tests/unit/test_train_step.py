@@ -2,6 +2,9 @@
 torchvision-references loop that bench/gpu_train.py times it against."""
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,8 +66,6 @@ def test_a_non_finite_loss_stops_the_epoch_without_a_sync_per_step(bench):
 
 def test_bench_self_test_runs_on_cpu(tmp_path):
     """bench/gpu_train.py --device cpu --arch tiny: every section that runs without a GPU, in a few seconds."""
-    import subprocess
-    import sys
 
     out = tmp_path / "rows.json"
     command = [
@@ -90,16 +91,20 @@ def test_bench_self_test_runs_on_cpu(tmp_path):
         "train",
         "validate",
         "levers",
+        "syncs",
         "--json",
         str(out),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "failed" not in done.stdout, done.stdout
-    import json
-
-    sections = {row["section"] for row in json.loads(out.read_text())}
-    assert sections == {"train", "validate", "levers"}
+    rows = json.loads(out.read_text())
+    assert {row["section"] for row in rows} == {"train", "validate", "levers", "syncs"}
+    syncs = {row["loop"]: row for row in rows if row["section"] == "syncs"}
+    # our loop reads no loss per step and our RPN filters without a sync: fewer waits than the reference
+    assert 0 < syncs["ours"]["total"] < syncs["reference"]["total"]
+    assert not [place for place in syncs["ours"]["by_function"] if place.startswith(("loops.py", "boxes.py"))]
+    assert syncs["reference"]["by_function"]["gpu_train.py:reference_train_steps"] > 0
 
 
 def test_bf16_autocast_gives_the_fp32_losses_to_bf16_tolerance(bench):
