@@ -52,7 +52,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.seed + rank)
-    apply_backend_flags(cfg.train)
+    apply_backend_flags()
 
     train_set, val_set = build_datasets(cfg.data)
     label_map = train_set.label_map

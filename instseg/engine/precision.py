@@ -12,8 +12,6 @@ from typing import ContextManager
 
 import torch
 
-from instseg.config import TrainConfig
-
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -52,7 +50,7 @@ def resolve_precision(mode: str, device: torch.device, warn=print) -> Precision:
     return Precision(device.type, _DTYPES[mode], scaler)
 
 
-def apply_backend_flags(train: TrainConfig) -> None:
+def apply_backend_flags() -> None:
     """cuDNN's autotuner stays off: Mask R-CNN's RoI heads change shape every step, so it would tune again
     every step (config.CUDNN_BENCHMARK_REFUSAL has the measurement). Set here because a library the job
     imported may have turned it on."""

@@ -42,13 +42,15 @@ def binary_masks(output: dict[str, torch.Tensor]) -> torch.Tensor | None:
     return (output["masks"].detach()[:, 0] > MASK_THRESHOLD).transpose(1, 2).contiguous()
 
 
-def to_coco_results(image_id: int, output: dict[str, torch.Tensor], label_map: LabelMap) -> list[dict[str, Any]]:
-    """One image's model output -> COCO results entries (xywh boxes, compressed-RLE masks)."""
+def to_coco_results(
+    image_id: int, output: dict[str, torch.Tensor], label_map: LabelMap, binary: torch.Tensor | None = None
+) -> list[dict[str, Any]]:
+    """One image's model output -> COCO results entries (xywh boxes, compressed-RLE masks). `binary` is the
+    output's binary_masks when they were made already (then output's float masks are not needed)."""
     boxes = output["boxes"].detach().float().cpu().numpy()  # float: numpy has no bf16 (a bf16 forward's scores)
     scores = output["scores"].detach().float().cpu().numpy()
     labels = output["labels"].detach().cpu().numpy()
     masks = None
-    binary = output.get("binary_masks")  # already thresholded and transposed (CocoEvaluator.process)
     if binary is None:
         binary = binary_masks(output)
     if binary is not None:
@@ -144,9 +146,9 @@ class CocoEvaluator:
         for target, output in zip(targets, outputs):
             image_id = int(target["image_id"])
             self.image_ids.add(image_id)
-            output = {**output, "binary_masks": binary_masks(output)}
-            output.pop("masks", None)  # the float masks are done with: free them now
-            self._pending.append(self._encoder.submit(to_coco_results, image_id, output, self.label_map))
+            binary = binary_masks(output)
+            rest = {key: value for key, value in output.items() if key != "masks"}  # float masks: freed now
+            self._pending.append(self._encoder.submit(to_coco_results, image_id, rest, self.label_map, binary))
         while len(self._pending) > MAX_QUEUED_IMAGES:  # bounded memory when encoding falls behind
             self._results.extend(self._pending.popleft().result())
 
