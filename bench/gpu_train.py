@@ -9,7 +9,8 @@ Sections (each prints its rows as they finish; --sections picks some):
             ResNet stem and layer1 frozen, as model.trainable_backbone_layers=3 builds it) and from scratch,
             fp32 and bf16; ours/reference ratio
   levers    our fine-tune bf16 step with channels_last, batch x2 and x4 (the LR rule keeps the recipe), TF32
-            and cudnn.benchmark, each against the plain one and the reference at --batch (--levers picks some)
+            and cudnn.benchmark, each against the plain one and the reference at --batch; and the reference
+            given the batch x2 and channels_last levers too (--levers picks some)
   validate  eval forward + mask paste + RLE encoding, 100 detections per image: ours (batched paste on the
             device, threshold on the device, encoding in CocoEvaluator's threads) vs torchvision's (paste one
             mask at a time, outputs to the host, encode each mask) as the references' evaluate() does
@@ -43,6 +44,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -56,6 +58,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torchvision.models.detection._utils import BoxCoder  # noqa: E402
+from torchvision.models.detection.roi_heads import RoIHeads  # noqa: E402
 from torchvision.models.detection.rpn import RegionProposalNetwork  # noqa: E402
 from torchvision.models.detection.transform import GeneralizedRCNNTransform  # noqa: E402
 
@@ -150,10 +153,12 @@ def reference_train_steps(
 
 
 def as_torchvision(model: nn.Module) -> nn.Module:
-    """The reference runs torchvision's own RPN, box coders and transform, where instseg swaps in
-    level-by-level NMS (instseg.models.rpn), float32 box decoding (instseg.models.box_coding) and the batched
-    mask paste (instseg.models.paste); the weights are the same."""
+    """The reference runs torchvision's own RPN, RoI heads, box coders and transform, where instseg swaps in
+    level-by-level NMS and batched training targets (instseg.models.rpn, instseg.models.roi_heads), float32 box
+    decoding (instseg.models.box_coding) and the batched mask paste (instseg.models.paste); the weights are the
+    same."""
     model.rpn.__class__ = RegionProposalNetwork
+    model.roi_heads.__class__ = RoIHeads
     model.rpn.box_coder.__class__ = BoxCoder
     model.roi_heads.box_coder.__class__ = BoxCoder
     model.transform.__class__ = GeneralizedRCNNTransform
@@ -289,7 +294,7 @@ class Bench:
         self.release()
         anchor = f"reference loop: {ref:.2f} img/s, batch {args.batch}"
         print(f"\n## levers: our fine-tune {amp} step, {args.size} px ({anchor})")
-        print(f"{'variant':<34} {'img/s':>8} {'GiB':>6} {'vs plain':>9} {'vs ref':>7}")
+        print(f"{'variant':<36} {'img/s':>8} {'GiB':>6} {'vs plain':>9} {'vs ref':>7}")
         plain = None
         double = synthetic_batches(args.warmup + args.steps // 2, args.batch * 2, args.size, seed=1)
         quadruple = synthetic_batches(args.warmup + max(args.steps // 4, 1), args.batch * 4, args.size, seed=1)
@@ -301,12 +306,15 @@ class Bench:
             ("batch x4 + channels_last", {"channels_last": True}, quadruple, {}),
             ("tf32 matmuls", {}, base_batches, {"tf32": True}),
             ("cudnn.benchmark", {}, base_batches, {"cudnn_benchmark": True}),
+            # the same levers given to the reference: how much of a gain is the lever and how much our step
+            ("reference, batch x2", {}, double, {"reference": True}),
+            ("reference, batch x2 + channels_last", {"channels_last": True}, double, {"reference": True}),
         ]
         for name, train_keys, batches, flags in variants:
             if args.levers and name not in args.levers:
                 continue
             if self.left_s() < 20:
-                print(f"{name:<34} skipped: over --budget-s")
+                print(f"{name:<36} skipped: over --budget-s")
                 continue
             model = self.model("fine-tune", args.size)
             if train_keys.get("channels_last"):
@@ -314,7 +322,10 @@ class Bench:
             torch.backends.cudnn.benchmark = bool(flags.get("cudnn_benchmark"))
             torch.backends.cuda.matmul.allow_tf32 = bool(flags.get("tf32"))
             try:
-                rate, peak = self.ours(model, amp, batches, our_train_config(amp, **train_keys))
+                if flags.get("reference"):
+                    rate, peak = self.reference(model, amp, batches)
+                else:
+                    rate, peak = self.ours(model, amp, batches, our_train_config(amp, **train_keys))
             finally:
                 torch.backends.cudnn.benchmark = False
                 torch.backends.cuda.matmul.allow_tf32 = False
@@ -324,7 +335,7 @@ class Bench:
             self.record(
                 "levers", variant=name, images_per_s=rate, peak_gib=peak, vs_plain=rate / plain, vs_ref=rate / ref
             )
-            print(f"{name:<34} {rate:>8.2f} {peak:>6.2f} {rate / plain:>8.2f}x {rate / ref:>6.2f}x", flush=True)
+            print(f"{name:<36} {rate:>8.2f} {peak:>6.2f} {rate / plain:>8.2f}x {rate / ref:>6.2f}x", flush=True)
 
     def validate(self) -> None:
         args = self.args
@@ -501,8 +512,9 @@ class Bench:
             self.record("profile", loop=name, wall_s=wall, gpu_busy_s=busy, busy_share=busy / wall)
             print(f"{name:<10} wall {wall:.3f} s, GPU busy {busy:.3f} s ({100 * busy / wall:.0f}%)", flush=True)
             if name == "ours":
-                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60)
-                print(table)
+                averages = prof.key_averages()
+                print(averages.table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+                print(averages.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
 
     def compile(self) -> None:
         args = self.args
@@ -551,9 +563,26 @@ class Bench:
             with counter:
                 step(data[1:])
             total = sum(counter.calls.values())
-            self.record("syncs", loop=name, total=total, by_function=dict(counter.calls))
+            device_waits = self.device_syncs(step, data[1:])
+            self.record("syncs", loop=name, total=total, by_function=dict(counter.calls), device_syncs=device_waits)
             where = ", ".join(f"{place} {count}" for place, count in counter.calls.most_common())
-            print(f"{name:<10} {total:>4}: {where}", flush=True)
+            on_device = "" if device_waits is None else f" (on the GPU, counted by CUDA: {device_waits})"
+            print(f"{name:<10} {total:>4}{on_device}: {where}", flush=True)
+
+    def device_syncs(self, step: Callable[[list], object], data: list) -> int | None:
+        """Host waits in one step as CUDA counts them (torch.cuda.set_sync_debug_mode): also those the counter
+        cannot see, such as NMS reading back its kept boxes and tolist()."""
+        if not self.cuda:
+            return None
+        self.sync()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step(data)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(warning.message) for warning in caught)
 
 
 class SyncCounter(TorchDispatchMode):

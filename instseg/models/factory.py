@@ -10,9 +10,10 @@ tiny), none (random init) or a state-dict file; `model.backbone_weights` DEFAULT
 backbone under fresh detection layers. With pretrained weights the network takes torchvision's fine-tuning
 layout: the first backbone stages frozen (model.trainable_backbone_layers), BatchNorm frozen where
 torchvision freezes it (v1, tiny).
-Every model also gets three stateless swaps of torchvision parts, the same weights and state dicts: RPN NMS level
-by level (instseg.models.rpn), box decoding in float32 under autocast (instseg.models.box_coding) and all masks
-of an image pasted at once (instseg.models.paste).
+Every model also gets four stateless swaps of torchvision parts, the same weights and state dicts: an RPN with NMS
+level by level and batched training targets (instseg.models.rpn), RoI heads with batched training targets
+(instseg.models.roi_heads), box decoding in float32 under autocast (instseg.models.box_coding) and all masks of an
+image pasted at once (instseg.models.paste).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from instseg.errors import ConfigError
 from instseg.models.box_coding import use_float32_box_decoding
 from instseg.models.dice_heads import DiceRoIHeads
 from instseg.models.paste import use_batched_paste
+from instseg.models.roi_heads import use_batched_roi_heads
 from instseg.models.rpn import use_level_nms
 from instseg.models.weights import (
     fit_backbone_weights,
@@ -141,6 +143,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         model.roi_heads = DiceRoIHeads.from_heads(model.roi_heads, cfg.mask_dice_weight)
     use_batched_paste(model)  # inference pastes all masks of an image at once (instseg.models.paste)
     use_level_nms(model)  # proposals suppressed one FPN level per NMS call (instseg.models.rpn)
+    use_batched_roi_heads(model)  # RoIs matched and sampled for the batch at once (instseg.models.roi_heads)
     use_float32_box_decoding(model)  # bf16 autocast keeps float32 boxes (instseg.models.box_coding)
     for key in WEIGHT_KEYS:  # at most one is set (config validation)
         value = getattr(cfg, key)

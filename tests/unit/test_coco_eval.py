@@ -2,9 +2,10 @@ import json
 
 import pytest
 import torch
+from pycocotools import mask as mask_utils
 
 from instseg.data.coco import CocoInstanceDataset, load_coco
-from instseg.metrics.coco_eval import CocoEvaluator, coco_stats
+from instseg.metrics.coco_eval import CocoEvaluator, coco_stats, device_rle
 from instseg.metrics.fitness import fitness
 from instseg.metrics.names import COCO_STAT_NAMES
 from tests.conftest import shared_dir
@@ -66,3 +67,16 @@ def test_official_cocoapi_numbers(iou_type, backend):
     assert stats == pytest.approx(OFFICIAL[iou_type], abs=1e-9)
     if backend == "faster":
         assert json.dumps(gt.dataset, sort_keys=True) == before
+
+
+def test_rle_found_on_the_device_is_pycocotools_encoding():
+    """device_rle (how CocoEvaluator encodes masks on a GPU) runs on any device: here on the CPU."""
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.zeros(7, 50, 40, dtype=torch.bool)  # [N, W, H], as binary_masks hands them over
+    masks[0] = True
+    masks[2, 10:30, 5:20] = True
+    masks[3] = torch.rand(50, 40, generator=generator) > 0.5
+    masks[4, 0, 0] = masks[5, -1, -1] = True  # a run of one at either end
+    masks[6, :, 0] = True
+    expected = mask_utils.encode(masks.view(torch.uint8).numpy().transpose(2, 1, 0))
+    assert device_rle(masks) == expected
