@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 
 # the demo's temporary Prefect server sends no usage telemetry (its heartbeat also races the sqlite db)
 demo: $(STAMP)
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m flows.demo --config configs/demo.yaml
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/instseg flow run --config configs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -ra tests

@@ -4,6 +4,7 @@ MLflow and Prefect UIs."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -12,11 +13,12 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from flows.pipeline import FLOW_NAME, tune_register_promote
+from instseg.cli import parse_command
 from instseg.data.coco import annotation_path
 from instseg.data.synth import synthesize, synthesized_with
 from instseg.metrics.names import FITNESS
 from instseg.tracking.registry import aliases
-from ray_jobs.cli_common import config_parser, load_config, run_cli
+from ray_jobs.cli_common import load_config, run_cli
 from ray_jobs.runtime import init_ray
 from tuning.tune import TuneSummary, format_trials
 
@@ -84,9 +86,8 @@ def one_prefect_api() -> Iterator[None]:
         os.environ.pop("PREFECT_API_URL", None)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = config_parser("python -m flows.demo", "Run the tune -> register -> promote demo locally")
-    args = parser.parse_args(argv)
+def flow_command(args: argparse.Namespace) -> int:
+    """`instseg flow run`: the tune -> register -> promote flow once, here."""
     started = time.perf_counter()
     cfg = load_config(args)
     wanted = {"images": cfg.data.synth_images, "seed": cfg.seed}
@@ -101,6 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     print_summary(result, elapsed, os.path.relpath(cfg.data.root), cfg.data.val_split, cfg.tracking.uri)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m flows.demo ARGS` = `instseg flow run ARGS`."""
+    return flow_command(parse_command(["flow", "run"], argv))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Serve the tune -> register -> promote flow on a schedule (cron, interval or RRule).
 
     prefect server start                                   # or PREFECT_API_URL of your server
-    python -m flows.deploy --config configs/demo.yaml --cron "0 3 * * *" [key=value ...]
+    instseg flow deploy --config configs/demo.yaml --cron "0 3 * * *" [key=value ...]   # or python -m flows.deploy
 
 Scheduled runs execute in this process's runner. Ray: `--ray-address` (or RAY_ADDRESS) joins a
 cluster; without one each flow run starts a private local Ray instance.
@@ -9,6 +9,7 @@ cluster; without one each flow run starts a private local Ray instance.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from datetime import timedelta
@@ -18,10 +19,11 @@ from typing import Any, Sequence
 from prefect_ray import RayTaskRunner
 
 from flows.pipeline import tune_register_promote
+from instseg.cli import parse_command
 from instseg.config import load
 from instseg.errors import ConfigError
 from instseg.redaction import redact
-from ray_jobs.cli_common import config_parser, run_cli
+from ray_jobs.cli_common import run_cli
 
 DEPLOYMENT_NAME = "instseg-scheduled-tuning"
 
@@ -65,13 +67,8 @@ def build_deployment(
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = config_parser("python -m flows.deploy", "Serve the tuning flow on a schedule")
-    parser.add_argument("--cron", default=None, help='cron schedule, e.g. "0 3 * * *" (daily at 03:00)')
-    parser.add_argument("--interval-minutes", type=float, default=None, help="run every N minutes")
-    parser.add_argument("--rrule", default=None, help="RFC 5545 recurrence rule")
-    parser.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
-    args = parser.parse_args(argv)
+def deploy_command(args: argparse.Namespace) -> int:
+    """`instseg flow deploy`: serve the flow on the schedule given, in this process."""
     if args.config is None:
         raise ConfigError("--config is required for a deployment")
     deployment = build_deployment(
@@ -81,6 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     serve(deployment)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m flows.deploy ARGS` = `instseg flow deploy ARGS`."""
+    return deploy_command(parse_command(["flow", "deploy"], argv))
 
 
 if __name__ == "__main__":

@@ -1,21 +1,49 @@
-"""`instseg` command line: thin wiring over the library. Training and tuning run on Ray:
+"""`instseg`: one command line for the whole loop. Data, evaluation and prediction run in this process;
+training, tuning, flows and jobs run on Ray:
 
-    python -m ray_jobs.train --config configs/demo.yaml
-    python -m tuning.tune --config configs/demo.yaml
-    python -m flows.demo --config configs/demo.yaml
+    instseg data synth data/synth                            # or data download / convert / check / split
+    instseg train --config configs/demo.yaml [key=value ...]  # Ray Train; rerun with its run_name to resume
+    instseg tune --config configs/demo.yaml [key=value ...]   # Ray Tune + Optuna
+    instseg flow run --config configs/demo.yaml               # the Prefect flow: tune -> register -> promote
+    instseg flow deploy --config configs/demo.yaml --cron "0 3 * * *"
+    instseg job submit --address http://HEAD:8265 -- instseg train --config configs/demo.yaml
+    instseg val --model models:/NAME@champion --data data/coco8-seg
+    instseg predict --model models:/NAME@champion images/ --gt annotations.json --save-images drawn/
+    instseg metrics GT.json preds.json
+
+`python -m ray_jobs.train`, `tuning.tune`, `flows.demo`, `flows.deploy` and `ray_jobs.submit` are aliases of
+train, tune, flow run, flow deploy and job submit. Every command reports a user's mistake as one line and
+exits 2 (1 for a run that failed); heavy libraries (torch, Ray, MLflow, Prefect) are imported by the command
+that needs them, so `--help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from instseg.data.formats import FORMATS
-from instseg.errors import INTERRUPTED_EXIT, InstsegError, report_unexpected
+from instseg.errors import FAILED_RUN_ERRORS, INTERRUPTED_EXIT, InstsegError, report_unexpected
 from instseg.redaction import redact
+
+PROG = "instseg"
+OVERWRITE_HELP = "replace a non-empty output folder that instseg did not write (swapped in only when complete)"
+MODEL_HELP = "models:/NAME@alias, runs:/RUN_ID/model, a bundle folder or a training checkpoint"
+TRACKING_URI_HELP = "MLflow tracking URI for models:/ and runs:/ (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+BACKEND_HELP = "COCO scoring library (default faster: faster-coco-eval, the same stats)"
+
+
+def _on_demand(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """A handler that imports its module (and with it Ray, torch, MLflow or Prefect) only when it runs."""
+
+    def handler(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), function)(args)
+
+    return handler
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -71,6 +99,16 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_report(report: dict[str, Any], files: list[Path], out: str) -> None:
+    """The one-line summary `instseg metrics` and `instseg val` print."""
+    kind = report["iou_type"]
+    key = f"{kind}_map"
+    print(f"{kind}: mAP50-95 {report[key]:.4f}  mAP50 {report[key + '50']:.4f}  P {report['precision']:.3f}  "
+          f"R {report['recall']:.3f}  F1 {report['f1']:.3f} at conf {report['best_confidence']:.3f}  "
+          f"Dice {report['dice']:.3f}")
+    print(f"wrote {len(files)} files to {out}")
+
+
 def _metrics(args: argparse.Namespace) -> int:
     from instseg.config import MetricsConfig
     from instseg.data.coco import load_coco
@@ -85,24 +123,32 @@ def _metrics(args: argparse.Namespace) -> int:
         coco_gt, results, args.iou_type, MetricsConfig().fitness_weights, args.conf, args.iou, args.backend
     )
     names = [coco_gt.cats[c]["name"] for c in sorted(coco_gt.getCatIds())]
-    files = write_report(Path(args.out), report, curves, matrix, names)
-    key = f"{args.iou_type}_map"
-    print(f"{args.iou_type}: mAP50-95 {report[key]:.4f}  mAP50 {report[key + '50']:.4f}  P {report['precision']:.3f}  "
-          f"R {report['recall']:.3f}  F1 {report['f1']:.3f} at conf {report['best_confidence']:.3f}  Dice {report['dice']:.3f}")
-    print(f"wrote {len(files)} files to {args.out}")
+    print_report(report, write_report(Path(args.out), report, curves, matrix, names), args.out)
+    return 0
+
+
+def _val(args: argparse.Namespace) -> int:
+    from instseg.evaluation import score_model
+
+    report, files = score_model(
+        args.model, Path(args.data), args.split, Path(args.out), args.iou_type, args.device, args.batch,
+        args.conf, args.iou, args.backend, args.tracking_uri,
+    )
+    print_report(report, files, args.out)
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
     from instseg.predict import predict
 
-    summary = predict(args.model, args.images, args.out, tracking_uri=args.tracking_uri, device=args.device,
-                      batch_size=args.batch)
-    print(f"{summary['detections']} detections on {summary['images']} images ({summary['device']}) -> {summary['out']}")
+    summary = predict(
+        args.model, args.images, args.out, tracking_uri=args.tracking_uri, device=args.device, batch_size=args.batch,
+        conf=args.conf, gt=args.gt, save_images=args.save_images,
+    )
+    drawn = f", drawn in {summary['drawn']}" if "drawn" in summary else ""
+    print(f"{summary['detections']} detections on {summary['images']} images ({summary['device']}) -> "
+          f"{summary['out']}{drawn}")
     return 0
-
-
-OVERWRITE_HELP = "replace a non-empty output folder that instseg did not write (swapped in only when complete)"
 
 
 def _runs_clean(args: argparse.Namespace) -> int:
@@ -126,9 +172,83 @@ def _add_format_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", default=None, help="YAML run config (see configs/demo.yaml for every key)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=3")
+    return parser
+
+
+def _evaluation_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    parser.add_argument("--iou-type", choices=("segm", "bbox"), default="segm", help="mask or box IoU (default segm)")
+    parser.add_argument("--out", default=out, help=f"output folder (default {out}/)")
+    parser.add_argument("--conf", type=float, default=0.25, help="confusion matrix confidence threshold (default 0.25)")
+    parser.add_argument("--iou", type=float, default=0.45, help="confusion matrix IoU threshold (default 0.45)")
+    parser.add_argument("--backend", choices=("faster", "pycocotools"), default="faster", help=BACKEND_HELP)
+
+
+def _inference_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
+    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
+    parser.add_argument("--batch", type=int, default=4, help="images per forward pass (default 4)")
+    parser.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="instseg", description="Mask R-CNN instance segmentation tools")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog=PROG, description="Mask R-CNN instance segmentation on Ray: train, tune, "
+                                     "evaluate, predict and manage models")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = _config_arguments(commands.add_parser("train", help="train on Ray Train (rerun a run_name to resume)"))
+    train.set_defaults(handler=_on_demand("ray_jobs.train", "train_command"))
+    tune = _config_arguments(commands.add_parser("tune", help="search hyperparameters on Ray Tune + Optuna"))
+    tune.set_defaults(handler=_on_demand("tuning.tune", "tune_command"))
+
+    flow = commands.add_parser("flow", help="the Prefect flow: tune -> register -> promote")
+    flows = flow.add_subparsers(dest="flow_command", required=True, metavar="COMMAND")
+    run = _config_arguments(flows.add_parser("run", help="run the flow once, here (synthesizes the demo data)"))
+    run.set_defaults(handler=_on_demand("flows.demo", "flow_command"))
+    deploy = _config_arguments(flows.add_parser("deploy", help="serve the flow on a schedule"))
+    deploy.add_argument("--cron", default=None, help='cron schedule, e.g. "0 3 * * *" (daily at 03:00)')
+    deploy.add_argument("--interval-minutes", type=float, default=None, help="run every N minutes")
+    deploy.add_argument("--rrule", default=None, help="RFC 5545 recurrence rule")
+    deploy.add_argument("--ray-address", default=None, help="Ray address (default: RAY_ADDRESS or a local instance)")
+    deploy.set_defaults(handler=_on_demand("flows.deploy", "deploy_command"))
+
+    job = commands.add_parser("job", help="Ray jobs on a cluster")
+    jobs = job.add_subparsers(dest="job_command", required=True, metavar="COMMAND")
+    submit = jobs.add_parser("submit", help="submit a command as a Ray job, follow its logs, exit as it ended")
+    submit.add_argument("--address", required=True, help="the head's dashboard, e.g. http://127.0.0.1:8265")
+    submit.add_argument("--runtime-env", default=None, help="runtime env YAML, e.g. cluster/runtime_env.yaml")
+    submit.add_argument("--working-dir", default=None, help="folder shipped to the cluster (over the runtime env's)")
+    submit.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- python -m instseg train --config ...")
+    submit.set_defaults(handler=_on_demand("ray_jobs.submit", "submit_command"))
+    status = jobs.add_parser("status", help="a job's status, and Ray's message when it failed")
+    status.add_argument("job_id", help="the id `job submit` printed")
+    status.add_argument("--address", required=True, help="the head's dashboard, e.g. http://127.0.0.1:8265")
+    status.set_defaults(handler=_on_demand("ray_jobs.submit", "status_command"))
+
+    val = commands.add_parser("val", help="evaluate a model on a dataset split: metrics.json + plots")
+    _inference_arguments(val)
+    val.add_argument("--data", required=True, help="dataset in instseg's COCO layout (annotations/ + images/)")
+    val.add_argument("--split", default="val", help="the split to evaluate on (default val)")
+    _evaluation_arguments(val, "val")
+    val.set_defaults(handler=_val)
+
+    pred = commands.add_parser("predict", help="predict images -> COCO results JSON (and drawn images)")
+    _inference_arguments(pred)
+    pred.add_argument("images", nargs="+", help="image files, folders and glob patterns ('photos/**/*.jpg')")
+    pred.add_argument("--out", default="preds.json", help="results JSON path (default preds.json)")
+    pred.add_argument("--conf", type=float, default=0.0, help="keep detections scoring at least this (default 0: all)")
+    pred.add_argument("--gt", default=None, help="COCO annotations: take each image's id from it, by file_name")
+    pred.add_argument("--save-images", default=None, metavar="DIR",
+                      help="draw masks, boxes, classes and scores on each image, written to DIR as PNG")
+    pred.set_defaults(handler=_predict)
+
+    met = commands.add_parser("metrics", help="evaluate a COCO results file: metrics.json + plots")
+    met.add_argument("gt", help="COCO ground truth JSON")
+    met.add_argument("results", help="COCO results JSON (a list of detections)")
+    _evaluation_arguments(met, "metrics")
+    met.set_defaults(handler=_metrics)
 
     data = commands.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write the deterministic synthetic COCO dataset")
@@ -179,40 +299,33 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--experiment", default=None, help="only this experiment (default: the config's, else all)")
     clean.set_defaults(handler=_runs_clean)
 
-    met = commands.add_parser("metrics", help="evaluate a COCO results file: metrics.json + plots")
-    met.add_argument("gt", help="COCO ground truth JSON")
-    met.add_argument("results", help="COCO results JSON (a list of detections)")
-    met.add_argument("--iou-type", choices=("segm", "bbox"), default="segm", help="mask or box IoU (default segm)")
-    met.add_argument("--out", default="metrics", help="output folder (default metrics/)")
-    met.add_argument("--conf", type=float, default=0.25, help="confusion matrix confidence threshold (default 0.25)")
-    met.add_argument("--iou", type=float, default=0.45, help="confusion matrix IoU threshold (default 0.45)")
-    met.add_argument("--backend", choices=("faster", "pycocotools"), default="faster",
-                     help="COCO scoring library (default faster: faster-coco-eval, the same stats)")
-    met.set_defaults(handler=_metrics)
-
-    pred = commands.add_parser("predict", help="predict images -> COCO results JSON")
-    pred.add_argument("--model", required=True, help="models:/NAME@champion, a bundle folder or a checkpoint")
-    pred.add_argument("images", nargs="+", help="image files")
-    pred.add_argument("--out", default="preds.json", help="results JSON path (default preds.json)")
-    pred.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
-    pred.add_argument("--batch", type=int, default=4, help="images per forward pass (default 4)")
-    pred.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    pred.set_defaults(handler=_predict)
     return parser
+
+
+def parse_command(words: Sequence[str], argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The arguments of `instseg WORDS ARGV...` (ARGV defaults to sys.argv[1:]): the python -m aliases' parser."""
+    return build_parser().parse_args([*words, *(sys.argv[1:] if argv is None else argv)])
+
+
+def guarded(call: Callable[[], int]) -> int:
+    """Run a command: a user's mistake ends as one line and its exit status (2), a failed run as one line and
+    exit 1, a bug of ours as one line pointing at its traceback in a log file; never a traceback."""
+    try:
+        return call()
+    except InstsegError as exc:
+        print(f"{PROG}: error: {redact(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except Exception as exc:  # noqa: BLE001 (a failed run, or our bug: one line, the traceback in a log file)
+        failed_run = type(exc).__name__ in FAILED_RUN_ERRORS
+        return report_unexpected(exc, PROG, "run failed" if failed_run else "internal error")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except InstsegError as exc:
-        print(f"instseg: error: {redact(str(exc))}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("instseg: interrupted", file=sys.stderr)
-        return INTERRUPTED_EXIT
-    except Exception as exc:  # noqa: BLE001 (our bug: one line, the traceback in a log file)
-        return report_unexpected(exc, "instseg")
+    return guarded(lambda: args.handler(args))
 
 
 if __name__ == "__main__":

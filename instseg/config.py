@@ -7,6 +7,7 @@ the entry points turn it into one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -233,11 +234,42 @@ def _describe_error(error: dict[str, Any], source: str) -> str:
     if not key:  # a rule across sections (model validator): its message names the keys
         return f"{source}: {error['msg'].removeprefix('Value error, ')}"
     if error["type"] == "extra_forbidden":
-        section = _section_at(tuple(error["loc"][:-1]))
-        allowed = ", ".join(sorted(section.model_fields)) if section else "see configs/demo.yaml"
-        return f"{source}: unknown config key '{key}' (allowed here: {allowed})"
+        return f"{source}: {_unknown_key(key, _section_at(tuple(error['loc'][:-1])))}"
     got = error.get("input")
     return f"{source}: invalid value for '{key}': {error['msg']} (got {got!r})"
+
+
+def _unknown_key(dotted: str, section: type[BaseModel] | None) -> str:
+    """"unknown config key 'train.epoch' (did you mean train.epochs?)", else the keys allowed there."""
+    close = difflib.get_close_matches(dotted, _dotted_keys(Config), n=1, cutoff=0.75)
+    if close:
+        return f"unknown config key '{dotted}' (did you mean {close[0]}?)"
+    allowed = ", ".join(sorted(section.model_fields)) if section else "see configs/demo.yaml"
+    return f"unknown config key '{dotted}' (allowed here: {allowed})"
+
+
+def _dotted_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every key of a config section, sections and their leaves, as dotted paths."""
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += _dotted_keys(annotation, f"{prefix}{name}.")
+    return keys
+
+
+def _check_override_key(path: list[str], text: str) -> None:
+    """An override names a known key (or a key inside a mapping-valued one, such as tune.search_space)."""
+    model: type[BaseModel] = Config
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None:
+            raise ConfigError(f"override '{text}': {_unknown_key('.'.join(path), model)}")
+        annotation = field.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return
+        model = annotation
 
 
 def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -296,6 +328,7 @@ def load(path: str | os.PathLike[str] | None = None, overrides: list[str] | tupl
             raise ConfigError(f"{file}: top level must be a mapping of sections")
     for override in overrides:
         keys, value = parse_override(override)
+        _check_override_key(keys, override)
         set_dotted(raw, keys, value)
     cfg = validate(raw, source)
     for dotted in cfg.tune.search_space:

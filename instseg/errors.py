@@ -32,6 +32,8 @@ class DataError(InstsegError):
 
 INTERNAL_ERROR_EXIT = 1
 INTERRUPTED_EXIT = 130
+# what Ray raises when the training itself failed (a worker error, lost nodes beyond max_failures): exit 1, "run failed"
+FAILED_RUN_ERRORS = ("TrainingFailedError", "TuneError", "RayTaskError", "RayActorError")
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

@@ -1,22 +1,24 @@
-"""Evaluate a trained model on a dataset split (the check promotion runs on challenger and champion), and
-show what it predicts on one of the split's images."""
+"""Evaluate a trained model on a dataset split (the check promotion runs on challenger and champion, and
+`instseg val`), and show what it predicts on one of the split's images."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from instseg.config import DataConfig
-from instseg.data.coco import CocoInstanceDataset, LabelMap
+from instseg.data.coco import CocoInstanceDataset, LabelMap, annotation_path
+from instseg.data.files import atomic_write_json
 from instseg.data.loaders import build_loader
 from instseg.engine.loops import evaluate
+from instseg.errors import DataError
 from instseg.metrics.coco_eval import DEFAULT_BACKEND, Backend, CocoEvaluator
 from instseg.metrics.fitness import fitness
 from instseg.metrics.names import FITNESS
-from instseg.metrics.plots import plot_example
+from instseg.metrics.plots import drawable, plot_example
 
 EXAMPLE_SCORE = 0.5  # detections drawn on the example image
 EXAMPLE_CANDIDATES = 16  # the example is the most crowded of the split's first images
@@ -50,11 +52,48 @@ def render_example(model: nn.Module, label_map: LabelMap, data: DataConfig, spli
     crowd = [len(dataset.coco.imgToAnns.get(image_id, [])) for image_id in dataset.image_ids[:EXAMPLE_CANDIDATES]]
     image, target = dataset[crowd.index(max(crowd))]
     output = model.eval().to(device)([image.to(device).float() / 255])[0]
-    keep = output["scores"] >= EXAMPLE_SCORE
-    prediction = {"masks": output["masks"][keep, 0].cpu() > 0.5, "boxes": output["boxes"][keep].cpu(),
-                  "classes": (output["labels"][keep] - 1).tolist(), "scores": output["scores"][keep].tolist()}
+    prediction = drawable(output, EXAMPLE_SCORE)
     truth = {"masks": target["masks"].bool(), "boxes": target["boxes"], "classes": (target["labels"] - 1).tolist(),
              "scores": None}
     titles = (f"ground truth ({split} image {target['image_id']})", title)
     plot_example(image, truth, prediction, list(label_map.names), path, titles)
     return int(target["image_id"])
+
+
+def score_model(
+    model: str,
+    root: Path,
+    split: str,
+    out: Path,
+    iou_type: str = "segm",
+    device: str = "auto",
+    batch_size: int = 4,
+    conf: float = 0.25,
+    iou: float = 0.45,
+    backend: Backend = DEFAULT_BACKEND,
+    tracking_uri: str | None = None,
+) -> tuple[dict[str, Any], list[Path]]:
+    """`instseg val`: `model` (models:/, runs:/, a bundle or a checkpoint) predicts `root`'s `split`, scored as
+    `instseg metrics` scores a results file; predictions.json, metrics.json and the plots go to `out`.
+    `conf` and `iou` are the confusion matrix's thresholds."""
+    from instseg.config import MetricsConfig
+    from instseg.metrics.report import evaluate_results, write_report
+    from instseg.predict import load_model, predict_paths, resolve_device
+
+    target = resolve_device(device)
+    dataset = CocoInstanceDataset(root, split)
+    net, label_map = load_model(model, tracking_uri)
+    unknown = sorted(set(label_map.category_ids) - set(dataset.label_map.category_ids))
+    if unknown:
+        raise DataError(
+            f"{annotation_path(root, split)}: the model predicts category ids {unknown} that it does not have "
+            f"(model classes: {', '.join(label_map.names)}; dataset: {', '.join(dataset.label_map.names)})"
+        )
+    paths = [dataset.image_path(image_id) for image_id in dataset.image_ids]
+    results = predict_paths(net, label_map, paths, dataset.image_ids, target, batch_size)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "predictions.json", results)
+    weights = MetricsConfig().fitness_weights
+    report, curves, matrix = evaluate_results(dataset.coco, results, iou_type, weights, conf, iou, backend)
+    names = [dataset.coco.cats[c]["name"] for c in sorted(dataset.coco.getCatIds())]
+    return report, [out / "predictions.json", *write_report(out, report, curves, matrix, names)]

@@ -1,7 +1,9 @@
-"""Predict with a checkpoint, a bundle folder or a registered model -> COCO results JSON (RLE masks)."""
+"""Predict with a checkpoint, a bundle folder or a registered model -> COCO results JSON (RLE masks), and
+optionally the images with the predictions drawn on them."""
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -12,7 +14,7 @@ from torch import nn
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 from instseg.data.coco import LabelMap
-from instseg.data.files import atomic_write_json
+from instseg.data.files import atomic_path, atomic_write_json
 from instseg.engine.checkpoint import CHECKPOINT_FILE
 from instseg.errors import InstsegError, first_line
 from instseg.metrics.coco_eval import to_coco_results
@@ -38,6 +40,52 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")  # what torchvision's decode_image reads
+DRAW_SCORE = 0.25  # --save-images draws detections from this score (or --conf, if higher)
+
+
+def expand_images(specs: Sequence[str]) -> list[Path]:
+    """Image files, folders (their images, sorted) and glob patterns (sorted matches), in the order given."""
+    paths: list[Path] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise InstsegError(f"no images in folder {spec} (looked for {', '.join(IMAGE_SUFFIXES)})")
+            paths += found
+        elif path.is_file():
+            paths.append(path)
+        elif glob.has_magic(spec):
+            found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+            if not found:
+                raise InstsegError(f"no files match {spec}")
+            paths += found
+        else:
+            raise InstsegError(f"image not found: {spec}")
+    return paths
+
+
+def image_ids_from_annotations(paths: Sequence[Path], annotations: str | os.PathLike[str]) -> list[int]:
+    """The id of each image in a COCO annotation file, found by file name (the name without folders too)."""
+    from instseg.data.schema import read_json_file
+
+    data = read_json_file(Path(annotations))
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise InstsegError(f"--gt {annotations}: not a COCO annotation file (no 'images' list)")
+    by_name: dict[str, int] = {}
+    for image in images:
+        name = str(image.get("file_name", ""))
+        by_name.setdefault(name, int(image["id"]))
+        by_name.setdefault(Path(name).name, int(image["id"]))
+    missing = [p for p in paths if p.name not in by_name and str(p) not in by_name]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise InstsegError(f"--gt {annotations}: no image with file_name {missing[0].name}{more}")
+    return [by_name.get(str(p), by_name.get(p.name)) for p in paths]
+
+
 def image_id_for(path: str | Path, position: int) -> int:
     """COCO file names are the image id (000000000036.jpg -> 36); other names get their 1-based position."""
     stem = Path(path).stem
@@ -59,17 +107,39 @@ def predict_paths(
     image_ids: Sequence[int] | None = None,
     device: torch.device | None = None,
     batch_size: int = 4,
+    conf: float = 0.0,
+    draw_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
+    """COCO results of `paths` (detections scoring at least `conf`); with `draw_dir`, each image with its
+    detections drawn is written there under its own name (as PNG)."""
     device = device or torch.device("cpu")
     model.eval().to(device)
     ids = list(image_ids) if image_ids is not None else [image_id_for(p, i) for i, p in enumerate(paths)]
     results: list[dict[str, Any]] = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        outputs = model([load_image(p).to(device) for p in chunk])
-        for image_id, output in zip(ids[start : start + batch_size], outputs):
+        images = [load_image(p).to(device) for p in chunk]
+        for path, image, image_id, output in zip(chunk, images, ids[start : start + batch_size], model(images)):
+            output = {key: value[output["scores"] >= conf] for key, value in output.items()}
             results.extend(to_coco_results(int(image_id), output, label_map))
+            if draw_dir is not None:
+                draw_prediction(image, output, label_map, draw_dir / f"{Path(path).stem}.png", max(conf, DRAW_SCORE))
     return results
+
+
+def draw_prediction(image: torch.Tensor, output: dict[str, torch.Tensor], label_map: LabelMap, path: Path,
+                    min_score: float) -> Path:
+    """The image at its own size and aspect ratio with masks, boxes, class names and scores, a colour per class."""
+    from torchvision.io import write_png
+
+    from instseg.metrics.plots import draw_detections, drawable
+
+    pixels = image.mul(255).round().to(torch.uint8).cpu()
+    drawn = draw_detections(pixels, drawable(output, min_score), list(label_map.names))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        write_png(drawn, str(tmp))
+    return path
 
 
 def resolve_bundle(model: str, workdir: Path, tracking_uri: str | None = None) -> Path:
@@ -87,6 +157,13 @@ def resolve_bundle(model: str, workdir: Path, tracking_uri: str | None = None) -
     raise InstsegError(f"model not found: {model} (give models:/NAME@alias, a bundle folder or a checkpoint)")
 
 
+def load_model(model: str, tracking_uri: str | None = None) -> tuple[nn.Module, LabelMap]:
+    """The network and its classes from models:/, runs:/, a bundle folder or a checkpoint."""
+    with tempfile.TemporaryDirectory(prefix="instseg-model-") as tmp:
+        net, label_map, _ = load_bundle(resolve_bundle(model, Path(tmp), tracking_uri))
+    return net, label_map
+
+
 def predict(
     model: str,
     images: Sequence[str],
@@ -94,17 +171,26 @@ def predict(
     tracking_uri: str | None = None,
     device: str = "auto",
     batch_size: int = 4,
+    conf: float = 0.0,
+    gt: str | os.PathLike[str] | None = None,
+    save_images: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Predict `images` with `model` on `device` (see resolve_device), `batch_size` images per forward pass."""
+    """Predict `images` (files, folders, globs) with `model` on `device` (see resolve_device), `batch_size`
+    images per forward pass, keeping detections scoring at least `conf`. Image ids come from the COCO file `gt`
+    by file name, else from the file names (image_id_for)."""
     target = resolve_device(device)
     if batch_size < 1:
         raise InstsegError(f"--batch {batch_size}: give at least 1")
-    missing = [p for p in images if not Path(p).is_file()]
-    if missing:
-        raise InstsegError(f"image not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    with tempfile.TemporaryDirectory(prefix="instseg-predict-") as tmp:
-        net, label_map, _ = load_bundle(resolve_bundle(model, Path(tmp), tracking_uri))
-    results = predict_paths(net, label_map, images, device=target, batch_size=batch_size)
+    if not 0.0 <= conf <= 1.0:
+        raise InstsegError(f"--conf {conf}: give a score between 0 and 1")
+    paths = expand_images(images)
+    image_ids = image_ids_from_annotations(paths, gt) if gt is not None else None
+    net, label_map = load_model(model, tracking_uri)
+    draw_dir = Path(save_images) if save_images is not None else None
+    results = predict_paths(net, label_map, paths, image_ids, target, batch_size, conf, draw_dir)
     out = Path(out)
     atomic_write_json(out, results)
-    return {"images": len(images), "detections": len(results), "out": str(out), "device": str(target)}
+    summary = {"images": len(paths), "detections": len(results), "out": str(out), "device": str(target)}
+    if draw_dir is not None:
+        summary["drawn"] = str(draw_dir)
+    return summary

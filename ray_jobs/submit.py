@@ -1,7 +1,8 @@
-"""Submit an entry point as a Ray job, follow its logs, and return how it ended.
+"""Submit an entry point as a Ray job, follow its logs, and return how it ended: `instseg job submit` and
+`instseg job status` (`python -m ray_jobs.submit` is an alias of the first).
 
-    python -m ray_jobs.submit --address http://127.0.0.1:8265 [--runtime-env cluster/runtime_env.yaml] \
-        -- python -m ray_jobs.train --config configs/demo.yaml
+    instseg job submit --address http://127.0.0.1:8265 [--runtime-env cluster/runtime_env.yaml] \
+        -- python -m instseg train --config configs/demo.yaml
 
 Clusters with token authentication (the default since Ray 2.59) need the head's token: it is read
 from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token when RAY_AUTH_MODE=token, or passed
@@ -23,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from instseg.errors import ConfigError, InstsegError
+from instseg.errors import ConfigError, InstsegError, first_line
 from instseg.redaction import redact, redact_tree
 
 # The entry points print this before their summary as one JSON line, so a job's caller can read it back.
@@ -130,19 +131,34 @@ class JobSubmitError(InstsegError):
     exit_code = 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_jobs.submit", description="Submit an instseg entry point as a Ray job")
-    parser.add_argument("--address", required=True, help="the head's dashboard, e.g. http://127.0.0.1:8265")
-    parser.add_argument("--runtime-env", default=None, help="runtime env YAML, e.g. cluster/runtime_env.yaml")
-    parser.add_argument("--working-dir", default=None, help="folder shipped to the cluster (overrides the runtime env's)")
-    parser.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- python -m ray_jobs.train ...")
-    args = parser.parse_args(argv)
+def submit_command(args: argparse.Namespace) -> int:
+    """`instseg job submit`: exit 0 when the job succeeded, 1 when it failed or was stopped."""
     entrypoint = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
     if not entrypoint:
-        parser.error("give the command to run after --")
+        raise ConfigError("job submit: give the command to run after --, e.g. -- python -m instseg train --config ...")
     outcome = submit_job(entrypoint, address=args.address, runtime_env=load_runtime_env(args.runtime_env, args.working_dir))
     print(json.dumps(redact_tree(outcome.to_dict()), indent=2, default=str))
     return 0 if outcome.succeeded else 1
+
+
+def status_command(args: argparse.Namespace) -> int:
+    """`instseg job status ID`: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED, and Ray's message if any."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        info = JobSubmissionClient(args.address).get_job_info(args.job_id)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise JobSubmitError(f"job {args.job_id} at {redact(args.address)}: {redact(first_line(exc, 300))}") from exc
+    message = f": {info.message}" if info.message else ""
+    print(f"{args.job_id} {info.status}{message}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m ray_jobs.submit ARGS` = `instseg job submit ARGS`."""
+    from instseg.cli import parse_command
+
+    return submit_command(parse_command(["job", "submit"], argv))
 
 
 if __name__ == "__main__":

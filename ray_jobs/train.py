@@ -1,7 +1,7 @@
-"""Train once on Ray Train.
+"""Train once on Ray Train: `instseg train` (`python -m ray_jobs.train` is its alias).
 
-    python -m ray_jobs.train --config configs/demo.yaml [key=value ...]
-    ray job submit --working-dir . -- python -m ray_jobs.train --config configs/demo.yaml
+    instseg train --config configs/demo.yaml [key=value ...]
+    instseg job submit --address http://HEAD:8265 --working-dir . -- python -m instseg train --config configs/demo.yaml
 
 Without a cluster address (ray.address, RAY_ADDRESS) it runs on a private local Ray instance:
 the single-GPU or CPU mode. Rerunning with the run_name of an unfinished run (stopped, crashed, or
@@ -10,16 +10,18 @@ failed after losing nodes) resumes it: the latest checkpoint and the same MLflow
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from typing import Sequence
 
+from instseg.cli import parse_command
 from instseg.config import Config
 from instseg.metrics.names import FITNESS
 from instseg.redaction import redact
 from instseg.tracking.liveness import Heartbeat
 from instseg.tracking.runs import resolve_tracking_uri
-from ray_jobs.cli_common import config_parser, load_config, run_cli
+from ray_jobs.cli_common import load_config, run_cli
 from ray_jobs.runtime import init_ray
 from ray_jobs.submit import print_result
 from ray_jobs.trainer import TrainSummary, build_trainer, fit_and_log, open_train_run, preflight
@@ -42,13 +44,17 @@ def run_training(cfg: Config) -> TrainSummary:
         raise
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = config_parser("python -m ray_jobs.train", "Train Mask R-CNN on Ray Train").parse_args(argv)
+def train_command(args: argparse.Namespace) -> int:
     summary = run_training(load_config(args))
     fit = summary.metrics.get(FITNESS)
     print(f"run {summary.run_id} finished: {FITNESS} {fit if fit is None else round(fit, 5)}, model bundle {summary.bundle_uri}")
     print_result(summary.to_dict())
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m ray_jobs.train ARGS` = `instseg train ARGS`."""
+    return train_command(parse_command(["train"], argv))
 
 
 if __name__ == "__main__":

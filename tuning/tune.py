@@ -1,6 +1,6 @@
 """Hyperparameter search on Ray Tune with Optuna TPE and ASHA early stopping.
 
-    python -m tuning.tune --config configs/demo.yaml [key=value ...]
+    instseg tune --config configs/demo.yaml [key=value ...]      # python -m tuning.tune is its alias
 
 Train V2 pattern: each trial is a driver function that builds the same TorchTrainer as plain
 training (ray_jobs.trainer.build_trainer) with TuneReportCallback forwarding rank-0 metrics.
@@ -9,6 +9,7 @@ MLflow: one parent run for the study, one child run per trial (mlflow.parentRunI
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -24,13 +25,14 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from instseg.cli import parse_command
 from instseg.config import Config, flatten, with_values
 from instseg.errors import ConfigError, first_line
 from instseg.metrics.names import EARLY_STOPPED, EPOCH, FITNESS, FITNESS_MODE
 from instseg.redaction import redact
 from instseg.tracking.liveness import DRIVER_TAGS, NOTE_TAG, Heartbeat
 from instseg.tracking.runs import RunLogger, child_runs, create_run, resolve_tracking_uri
-from ray_jobs.cli_common import config_parser, load_config, run_cli
+from ray_jobs.cli_common import load_config, run_cli
 from ray_jobs.runtime import init_ray
 from ray_jobs.submit import print_result
 from ray_jobs.trainer import (
@@ -295,13 +297,17 @@ def format_trials(summary: TuneSummary) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = config_parser("python -m tuning.tune", "Tune Mask R-CNN hyperparameters on Ray Tune").parse_args(argv)
+def tune_command(args: argparse.Namespace) -> int:
     summary = run_tuning(load_config(args))
     print(format_trials(summary))
     print(f"best trial {summary.best_trial_id}: {FITNESS} {summary.best_fitness:.5f}, model bundle {summary.best_bundle_uri}")
     print_result(summary.to_dict())
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m tuning.tune ARGS` = `instseg tune ARGS`."""
+    return tune_command(parse_command(["tune"], argv))
 
 
 if __name__ == "__main__":

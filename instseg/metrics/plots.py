@@ -109,6 +109,16 @@ def _label_style(scale: int, colours: list[tuple[int, int, int]]) -> dict:
     return style
 
 
+def drawable(output: dict, min_score: float) -> dict:
+    """A model's output (one image) as draw_detections takes it, detections scoring at least `min_score`."""
+    import torch
+
+    keep = output["scores"] >= min_score
+    masks = output["masks"][keep, 0] > 0.5 if "masks" in output else torch.zeros(0, 1, 1, dtype=torch.bool)
+    return {"masks": masks.cpu(), "boxes": output["boxes"][keep].float().cpu(),
+            "classes": (output["labels"][keep] - 1).tolist(), "scores": output["scores"][keep].float().tolist()}
+
+
 def draw_detections(image, detections: dict, names: list[str], scale: int = 1):
     """uint8 [3, H, W] image with instance masks, boxes and labels drawn in one colour per class. detections:
     boolean masks [N, H, W], xyxy boxes [N, 4], 0-based class indices and scores (None for ground truth).

@@ -205,7 +205,7 @@ def test_b_node_removed_mid_run_recovers_on_a_new_node_or_fails_naming_it(multin
     lost = _remove_worker_node(cluster, tracking_uri, run_id)
     output = finish(failing)
     assert failing.returncode == 1, output[-3000:]
-    error = [line for line in output.splitlines() if line.startswith("error: ")]
+    error = [line for line in output.splitlines() if line.startswith("instseg: error: ")]
     assert error and lost in error[-1] and "rerun with run_name=node-lost" in error[-1], output[-3000:]
     print(error[-1])  # shown with pytest -rP
     # the driver ends on that line, not on a traceback (Ray's forwarded worker logs, "(pid=...) ...", aside)

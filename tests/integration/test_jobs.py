@@ -11,6 +11,7 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
+from instseg.cli import main as cli_main
 from instseg.metrics.names import EPOCH, FITNESS
 from ray_jobs.submit import load_runtime_env, submit_job
 from tests.conftest import DEMO_CONFIG, ROOT, isolated_overrides
@@ -48,7 +49,7 @@ def token_head():
 def test_token_authenticated_job_trains_end_to_end(token_head, synth_root, tmp_path):
     address, token = token_head
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    entrypoint = [sys.executable, "-m", "ray_jobs.train", "--config", str(DEMO_CONFIG.relative_to(ROOT)),
+    entrypoint = [sys.executable, "-m", "instseg", "train", "--config", str(DEMO_CONFIG.relative_to(ROOT)),
                   *isolated_overrides(synth_root, tmp_path), "train.epochs=1", "run_name=job-train"]
     lines: list[str] = []
     # the project folder travels as the job's working_dir, as with `ray job submit --working-dir .`
@@ -62,6 +63,14 @@ def test_token_authenticated_job_trains_end_to_end(token_head, synth_root, tmp_p
     assert run.info.status == "FINISHED" and run.info.run_name == "job-train"
     assert outcome.summary["run_id"] == outcome.run_id and outcome.summary["metrics"][EPOCH] == 1
     assert FITNESS in run.data.metrics
+
+
+def test_job_status_says_how_a_job_ended(token_head, capsys):
+    address, token = token_head
+    outcome = submit_job([sys.executable, "-c", "import sys; sys.exit(3)"], address=address, token=token, on_line=None)
+    assert outcome.status == "FAILED"
+    assert cli_main(["job", "status", outcome.job_id, "--address", address]) == 0
+    assert capsys.readouterr().out.startswith(f"{outcome.job_id} FAILED")
 
 
 def test_job_submission_without_the_token_is_refused(token_head):

@@ -25,11 +25,14 @@ def test_overrides_parse_yaml_values():
     assert (cfg.train.epochs, cfg.ray.use_gpu, cfg.run_name, cfg.ray.address) == (7, True, "abc", None)
 
 
-def test_unknown_key_names_key_and_allowed_keys():
+def test_unknown_key_names_the_closest_key_or_the_allowed_keys():
     with pytest.raises(ConfigError) as err:
         load(DEMO_CONFIG, ["train.epochz=3"])
+    assert str(err.value).endswith("unknown config key 'train.epochz' (did you mean train.epochs?)")
+    with pytest.raises(ConfigError) as err:
+        load(DEMO_CONFIG, ["train.speed=3"])
     message = str(err.value)
-    assert "train.epochz" in message and "epochs" in message and "lr" in message
+    assert "train.speed" in message and "epochs" in message and "lr" in message
 
 
 def test_wrong_type_names_key_and_value():
