@@ -10,6 +10,7 @@ training, tuning, flows and jobs run on Ray:
     instseg val --model models:/NAME@champion --data data/coco8-seg
     instseg predict --model models:/NAME@champion images/ --gt annotations.json --save-images drawn/
     instseg metrics GT.json preds.json
+    instseg models NAME                                       # versions, aliases, fitness; instseg rollback NAME
 
 `python -m ray_jobs.train`, `tuning.tune`, `flows.demo`, `flows.deploy` and `ray_jobs.submit` are aliases of
 train, tune, flow run, flow deploy and job submit. Every command reports a user's mistake as one line and
@@ -33,7 +34,7 @@ from instseg.redaction import redact
 PROG = "instseg"
 OVERWRITE_HELP = "replace a non-empty output folder that instseg did not write (swapped in only when complete)"
 MODEL_HELP = "models:/NAME@alias, runs:/RUN_ID/model, a bundle folder or a training checkpoint"
-TRACKING_URI_HELP = "MLflow tracking URI for models:/ and runs:/ (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+TRACKING_URI_HELP = "MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
 BACKEND_HELP = "COCO scoring library (default faster: faster-coco-eval, the same stats)"
 
 
@@ -172,6 +173,27 @@ def _add_format_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _models(args: argparse.Namespace) -> int:
+    from instseg.tracking.registry import list_versions
+    from instseg.tracking.runs import resolve_tracking_uri
+
+    rows = list_versions(resolve_tracking_uri(args.tracking_uri), args.name)
+    print(f"{'version':>7}  {'aliases':<22} {'fitness':>10}  {'promotion':<18} run")
+    for row in rows:
+        fitness = row.fitness if row.fitness == "-" else f"{float(row.fitness):.5f}"
+        print(f"{row.version:>7}  {','.join(row.aliases) or '-':<22} {fitness:>10}  {row.decision:<18} {row.run_id}")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from instseg.tracking.registry import CHAMPION, rollback
+    from instseg.tracking.runs import resolve_tracking_uri
+
+    before, after = rollback(resolve_tracking_uri(args.tracking_uri), args.name)
+    print(f"{args.name}: {CHAMPION} moved from version {before} back to version {after}")
+    return 0
+
+
 def _config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="YAML run config (see configs/demo.yaml for every key)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=3")
@@ -243,6 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--save-images", default=None, metavar="DIR",
                       help="draw masks, boxes, classes and scores on each image, written to DIR as PNG")
     pred.set_defaults(handler=_predict)
+
+    models = commands.add_parser("models", help="a registered model's versions, aliases and promotion fitness")
+    models.add_argument("name", help="registered model name (registry.model_name)")
+    models.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
+    models.set_defaults(handler=_models)
+    back = commands.add_parser("rollback", help="move champion back to the version it replaced")
+    back.add_argument("name", help="registered model name (registry.model_name)")
+    back.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
+    back.set_defaults(handler=_rollback)
 
     met = commands.add_parser("metrics", help="evaluate a COCO results file: metrics.json + plots")
     met.add_argument("gt", help="COCO ground truth JSON")

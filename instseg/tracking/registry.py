@@ -178,3 +178,52 @@ def promote(tracking_uri: str, model_name: str, score: Callable[[Path], dict[str
 
 def _subset(metrics: dict[str, float] | None) -> dict[str, float]:
     return {key: float(metrics[key]) for key in PROMOTION_METRICS if key in (metrics or {})}
+
+
+@dataclass
+class ModelVersionRow:
+    """One version of a registered model as `instseg models` lists it."""
+
+    version: str
+    aliases: list[str]
+    fitness: str  # the challenger fitness its promotion recorded, or "-"
+    decision: str  # "promoted", "kept champion", "rolled back to", or "-"
+    run_id: str
+
+
+def list_versions(tracking_uri: str, model_name: str) -> list[ModelVersionRow]:
+    """Every version of `model_name`, newest first, with its aliases and what its promotion recorded."""
+    client = MlflowClient(tracking_uri)
+    try:
+        by_version = {}
+        for alias, version in client.get_registered_model(model_name).aliases.items():
+            by_version.setdefault(str(version), []).append(alias)
+        versions = client.search_model_versions(f"name='{model_name}'")
+    except MlflowException as exc:
+        raise InstsegError(f"registered model '{model_name}' in {redact(tracking_uri)}: "
+                           f"{redact(exc.message.splitlines()[0])}") from None
+    return [
+        ModelVersionRow(
+            version=str(v.version),
+            aliases=sorted(by_version.get(str(v.version), [])),
+            fitness=v.tags.get(f"promotion.challenger_{FITNESS}", "-"),
+            decision=v.tags.get("promotion.decision", "-"),
+            run_id=v.run_id or "-",
+        )
+        for v in sorted(versions, key=lambda v: -int(v.version))
+    ]
+
+
+def rollback(tracking_uri: str, model_name: str) -> tuple[str, str]:
+    """Point `champion` back at the version it replaced (the champion its promotion recorded); returns
+    (from, to). The version rolled back from is tagged, so a second rollback goes one step further back."""
+    client = MlflowClient(tracking_uri)
+    current = _version_for(client, model_name, CHAMPION)
+    if current is None:
+        raise InstsegError(f"registered model '{model_name}' has no '{CHAMPION}' alias: nothing to roll back")
+    previous = current.tags.get("promotion.champion_version", "none")
+    if previous == "none" or previous == str(current.version):
+        raise InstsegError(f"{model_name} v{current.version} is the first champion: no earlier one to roll back to")
+    client.set_registered_model_alias(model_name, CHAMPION, previous)
+    client.set_model_version_tag(model_name, current.version, "promotion.decision", f"rolled back to {previous}")
+    return str(current.version), previous

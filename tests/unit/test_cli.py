@@ -32,6 +32,8 @@ COMMANDS = [
     ["data", "check"],
     ["data", "convert"],
     ["runs", "clean"],
+    ["models"],
+    ["rollback"],
 ]
 HEAVY = ("torch", "torchvision", "ray", "mlflow", "prefect", "optuna", "matplotlib")
 
@@ -176,3 +178,33 @@ def test_predict_refuses_an_image_the_gt_file_does_not_list(coco8, tmp_path, cap
     gt = root / "annotations" / "instances_val.json"
     code = cli_main(["predict", "--model", str(bundle), str(image), "--gt", str(gt), "--out", str(tmp_path / "p.json")])
     assert code == 2 and f"no image with file_name {image.name}" in capsys.readouterr().err
+
+
+def test_models_lists_versions_and_rollback_brings_the_previous_champion_back(coco8, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from instseg.metrics.names import FITNESS
+    from instseg.tracking.registry import aliases, promote, register_bundle
+    from instseg.tracking.runs import create_run
+
+    _, bundle = coco8
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for fitness, previous in ((0.2, None), (0.5, 0.2)):
+        run_id = create_run(uri, "exp", run_name=f"trained-{fitness}")
+        MlflowClient(uri).set_terminated(run_id, "FINISHED")
+        register_bundle(uri, run_id, bundle, "m")
+        # the gate's scoring is its seam: promote downloads the two versions into folders named after their alias
+        promote(uri, "m", lambda folder, f=fitness, p=previous: {FITNESS: f if "challenger" in folder.parts else p})
+    assert aliases(uri, "m")["champion"] == "2"
+
+    assert cli_main(["models", "m", "--tracking-uri", uri]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[1].split()[:4] == ["2", "challenger,champion", "0.50000", "promoted"]
+    assert rows[2].split()[:3] == ["1", "-", "0.20000"]
+
+    assert cli_main(["rollback", "m", "--tracking-uri", uri]) == 0
+    assert capsys.readouterr().out == "m: champion moved from version 2 back to version 1\n"
+    assert aliases(uri, "m")["champion"] == "1"
+    assert cli_main(["rollback", "m", "--tracking-uri", uri]) == 2  # version 1 replaced no champion
+    assert "no earlier one to roll back to" in capsys.readouterr().err
+    assert cli_main(["models", "nothing-registered", "--tracking-uri", uri]) == 2
