@@ -115,6 +115,7 @@ class LevelNmsRegionProposalNetwork(RegionProposalNetwork):
         objectness_loss = torch.where(sampled, objectness_loss, 0.0).sum() / count
         return objectness_loss, box_loss
 
+
 def use_level_nms(model: nn.Module) -> nn.Module:
     """Switch a torchvision detection model's RPN to LevelNmsRegionProposalNetwork (no state of its own)."""
     if type(model.rpn) is RegionProposalNetwork:

@@ -24,8 +24,9 @@ BETWEEN_THRESHOLDS = -2
 def pad_boxes(boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
     """[images, most boxes, 4] zero-padded, and a [images, most boxes] mask of the real ones."""
     padded = pad_sequence(boxes, batch_first=True)
-    counts = torch.tensor([len(b) for b in boxes], device=padded.device)
-    return padded, torch.arange(padded.shape[1], device=padded.device) < counts[:, None]
+    # made on the device: a tensor of the counts copied from the host would make the host wait for the GPU
+    real = pad_sequence([b.new_ones(len(b), dtype=torch.bool) for b in boxes], batch_first=True)
+    return padded, real
 
 
 def pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
