@@ -123,8 +123,26 @@ def predict_paths(
             output = {key: value[output["scores"] >= conf] for key, value in output.items()}
             results.extend(to_coco_results(int(image_id), output, label_map))
             if draw_dir is not None:
-                draw_prediction(image, output, label_map, draw_dir / f"{Path(path).stem}.png", max(conf, DRAW_SCORE))
+                draw_prediction(image, output, label_map, draw_dir / drawing_name(path), max(conf, DRAW_SCORE))
     return results
+
+
+def drawing_name(path: str | Path) -> str:
+    return f"{Path(path).stem}.png"
+
+
+def check_drawing_folder(paths: Sequence[Path], draw_dir: Path) -> None:
+    """--save-images writes only new files: never over a file of the user's, never two drawings to one name."""
+    if draw_dir.exists() and not draw_dir.is_dir():
+        raise InstsegError(f"--save-images {draw_dir}: that is a file, not a folder")
+    seen: dict[str, Path] = {}
+    for path in paths:
+        name = drawing_name(path)
+        if name in seen:
+            raise InstsegError(f"--save-images: {seen[name]} and {path} would both be drawn as {name}")
+        seen[name] = path
+        if (draw_dir / name).exists():
+            raise InstsegError(f"--save-images {draw_dir}: {name} is already there (give a new or empty folder)")
 
 
 def draw_prediction(image: torch.Tensor, output: dict[str, torch.Tensor], label_map: LabelMap, path: Path,
@@ -187,6 +205,8 @@ def predict(
     image_ids = image_ids_from_annotations(paths, gt) if gt is not None else None
     net, label_map = load_model(model, tracking_uri)
     draw_dir = Path(save_images) if save_images is not None else None
+    if draw_dir is not None:
+        check_drawing_folder(paths, draw_dir)
     results = predict_paths(net, label_map, paths, image_ids, target, batch_size, conf, draw_dir)
     out = Path(out)
     atomic_write_json(out, results)

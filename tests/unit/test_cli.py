@@ -208,3 +208,24 @@ def test_models_lists_versions_and_rollback_brings_the_previous_champion_back(co
     assert cli_main(["rollback", "m", "--tracking-uri", uri]) == 2  # version 1 replaced no champion
     assert "no earlier one to roll back to" in capsys.readouterr().err
     assert cli_main(["models", "nothing-registered", "--tracking-uri", uri]) == 2
+
+
+def test_predict_never_draws_over_a_file(coco8, tmp_path, capsys):
+    root, bundle = coco8
+    images = sorted((root / "images" / "val").glob("*.jpg"))
+    drawn = tmp_path / "drawn"
+    drawn.mkdir()
+    mine = drawn / f"{images[0].stem}.png"
+    mine.write_bytes(b"the user's own file")
+    args = ["predict", "--model", str(bundle), str(images[0]), "--out", str(tmp_path / "p.json")]
+    assert cli_main([*args, "--save-images", str(drawn)]) == 2
+    assert f"{mine.name} is already there" in capsys.readouterr().err
+    assert mine.read_bytes() == b"the user's own file"
+    assert cli_main([*args, "--save-images", str(mine)]) == 2
+    assert "that is a file, not a folder" in capsys.readouterr().err
+    twin = tmp_path / "other" / images[0].name
+    twin.parent.mkdir()
+    twin.write_bytes(images[0].read_bytes())
+    both = ["predict", "--model", str(bundle), str(images[0]), str(twin), "--out", str(tmp_path / "p.json")]
+    assert cli_main([*both, "--save-images", str(tmp_path / "new")]) == 2
+    assert f"would both be drawn as {mine.name}" in capsys.readouterr().err
