@@ -17,9 +17,10 @@ from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
 
 from instseg.config import Config, load, resolve_paths
-from instseg.evaluation import evaluate_on_split, render_example
+from instseg.evaluation import render_example
 from instseg.models.bundle import load_bundle
-from instseg.tracking.registry import download_bundle, model_version_run, promote, register_bundle
+from instseg.promotion import describe, promote_on_split, register_run
+from instseg.tracking.registry import download_bundle, model_version_run
 from instseg.tracking.runs import RunLogger
 from ray_jobs.trainer import preflight
 from tuning.tune import ORCHESTRATION_CPUS, TuneSummary, run_tuning
@@ -38,37 +39,18 @@ def tune_task(config: dict[str, Any]) -> dict[str, Any]:
 def register_task(config: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
     cfg = Config.model_validate(config)
     summary = TuneSummary.from_dict(tuned)
-    with tempfile.TemporaryDirectory(prefix="instseg-register-") as tmp:
-        bundle = download_bundle(cfg.tracking.uri, summary.best_bundle_uri, Path(tmp))
-        version = register_bundle(
-            cfg.tracking.uri,
-            summary.best_run_id,
-            bundle,
-            cfg.registry.model_name,
-            tags={"study_run_id": summary.parent_run_id, "trial_id": summary.best_trial_id, "tune_fitness": summary.best_fitness},
-        )
+    version = register_run(
+        cfg.tracking.uri, summary.best_run_id, cfg.registry.model_name, bundle_uri=summary.best_bundle_uri,
+        tags={"study_run_id": summary.parent_run_id, "trial_id": summary.best_trial_id, "tune_fitness": summary.best_fitness},
+    )
     get_run_logger().info("registered %s version %s (challenger)", cfg.registry.model_name, version)
     return {"model_name": cfg.registry.model_name, "version": version, "tracking_uri": summary.tracking_uri}  # redacted
 
 
 @task(name="promote")
 def promote_task(config: dict[str, Any], registered: dict[str, Any]) -> dict[str, Any]:
-    cfg = Config.model_validate(config)
-
-    def score(bundle_dir: Path) -> dict[str, float]:
-        model, label_map, _ = load_bundle(bundle_dir)
-        return evaluate_on_split(
-            model, label_map, cfg.data, cfg.data.val_split, cfg.metrics.fitness_weights, backend=cfg.metrics.backend
-        )
-
-    result = promote(cfg.tracking.uri, registered["model_name"], score)
-    get_run_logger().info(
-        "challenger v%s fitness %.5f vs champion %s: %s",
-        result.challenger_version,
-        result.challenger_fitness,
-        f"v{result.champion_version} fitness {result.champion_fitness:.5f}" if result.champion_version else "none",
-        "promoted" if result.promoted else "kept champion",
-    )
+    result = promote_on_split(Config.model_validate(config), registered["model_name"])
+    get_run_logger().info(describe(result))
     return result.to_dict()
 
 

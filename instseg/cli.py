@@ -10,6 +10,8 @@ training, tuning, flows and jobs run on Ray:
     instseg val --model models:/NAME@champion --data data/coco8-seg
     instseg predict --model models:/NAME@champion images/ --gt annotations.json --save-images drawn/
     instseg metrics GT.json preds.json
+    instseg register NAME --run RUN_ID                        # or: instseg train ... --register NAME
+    instseg promote NAME [--version V] --config configs/demo.yaml  # the gate: challenger vs champion
     instseg models NAME                                       # versions, aliases, fitness; instseg rollback NAME
 
 `python -m ray_jobs.train`, `tuning.tune`, `flows.demo`, `flows.deploy` and `ray_jobs.submit` are aliases of
@@ -185,6 +187,25 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register(args: argparse.Namespace) -> int:
+    from instseg.promotion import register_run
+    from instseg.tracking.runs import resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    version = register_run(tracking_uri, args.run, args.name, tags={"source": "instseg register"})
+    print(f"registered run {args.run} as {args.name} version {version} (challenger)")
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from instseg.config import load, resolve_paths
+    from instseg.promotion import describe, promote_on_split
+
+    cfg = resolve_paths(load(args.config, args.overrides))
+    print(describe(promote_on_split(cfg, args.name, args.version)))
+    return 0
+
+
 def _rollback(args: argparse.Namespace) -> int:
     from instseg.tracking.registry import CHAMPION, rollback
     from instseg.tracking.runs import resolve_tracking_uri
@@ -221,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = _config_arguments(commands.add_parser("train", help="train on Ray Train (rerun a run_name to resume)"))
+    train.add_argument("--register", default=None, metavar="NAME",
+                       help="register the trained model as the next version of NAME (its challenger)")
     train.set_defaults(handler=_on_demand("ray_jobs.train", "train_command"))
     tune = _config_arguments(commands.add_parser("tune", help="search hyperparameters on Ray Tune + Optuna"))
     tune.set_defaults(handler=_on_demand("tuning.tune", "tune_command"))
@@ -270,6 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("name", help="registered model name (registry.model_name)")
     models.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     models.set_defaults(handler=_models)
+    register = commands.add_parser("register", help="register a training run's model as NAME's challenger")
+    register.add_argument("name", help="registered model name (registry.model_name)")
+    register.add_argument("--run", required=True, help="the MLflow run id of a finished training run")
+    register.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
+    register.set_defaults(handler=_register)
+    promote = commands.add_parser("promote", help="the gate: challenger vs champion on the config's val split")
+    promote.add_argument("name", help="registered model name (registry.model_name)")
+    promote.add_argument("--version", default=None, help="make this version the challenger first")
+    _config_arguments(promote)
+    promote.set_defaults(handler=_promote)
     back = commands.add_parser("rollback", help="move champion back to the version it replaced")
     back.add_argument("name", help="registered model name (registry.model_name)")
     back.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
@@ -333,9 +366,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """argparse, except that key=value overrides may also follow options and positionals (`instseg promote NAME
+    --config F key=value`): argparse takes a command's positionals in one go, at the first of them."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras and hasattr(args, "overrides") and all("=" in word and not word.startswith("-") for word in extras):
+        args.overrides = [*args.overrides, *extras]
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def parse_command(words: Sequence[str], argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The arguments of `instseg WORDS ARGV...` (ARGV defaults to sys.argv[1:]): the python -m aliases' parser."""
-    return build_parser().parse_args([*words, *(sys.argv[1:] if argv is None else argv)])
+    return parse_arguments([*words, *(sys.argv[1:] if argv is None else argv)])
 
 
 def guarded(call: Callable[[], int]) -> int:
@@ -355,7 +400,7 @@ def guarded(call: Callable[[], int]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     return guarded(lambda: args.handler(args))
 
 

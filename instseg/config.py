@@ -96,6 +96,7 @@ class TrainConfig(_Section):
     patience: int = Field(0, ge=0)
     min_delta: float = Field(0.0, ge=0.0)
     log_every: int = Field(10, ge=1)
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"
     # linear scaling rule (Goyal et al. 2017): lr is right for lr_reference_batch images per step and is
     # multiplied by global_batch / lr_reference_batch; null = data.batch_size (lr scales with the workers)
     lr_reference_batch: int | None = Field(None, ge=1)
@@ -148,6 +149,7 @@ class RayConfig(_Section):
 class TrackingConfig(_Section):
     uri: str | None = None
     experiment: str = "instseg"
+    system_metrics_s: float = Field(10.0, ge=0.0)  # 0 = off
 
 
 class RegistryConfig(_Section):
@@ -384,11 +386,19 @@ def absolute_tracking_uri(uri: str | None, base: Path | None = None) -> str:
     return uri
 
 
+# Ray unpacks a job's working_dir into <session>/runtime_resources/working_dir_files/<package>/ and runs the
+# job there: a temporary copy, without the folders runtime_env excludes (data/, ray_results/, *.db)
+JOB_COPY_FOLDER = "working_dir_files"
+
+
 def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
     """Make relative paths and the tracking URI absolute against `base` (the driver's cwd) before
-
-    they reach Ray tasks and workers, whose working directory is not the driver's."""
+    they reach Ray tasks and workers, whose working directory is not the driver's. Inside a Ray job's copy of
+    the working directory, relative paths that would miss the data or write results into that copy are refused
+    (check_job_paths)."""
     base = base or Path.cwd()
+    if JOB_COPY_FOLDER in base.parts:
+        check_job_paths(cfg, base)
     data_root = str((base / cfg.data.root).resolve())
     storage = cfg.ray.storage_path
     if "://" not in storage:
@@ -405,3 +415,27 @@ def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
             "tracking": cfg.tracking.model_copy(update={"uri": absolute_tracking_uri(cfg.tracking.uri, base)}),
         }
     )
+
+
+def check_job_paths(cfg: Config, base: Path) -> None:
+    """ConfigError for relative paths in a job that runs in Ray's copy of the working directory (`base`): a
+    data.root missing from the copy, and any relative storage path or sqlite file, which would land in the
+    copy and be deleted with it. The message says what to pass instead, expanded on the submitting side."""
+    problems = []
+    if not Path(cfg.data.root).is_absolute() and not (base / cfg.data.root).exists():
+        problems.append(("data.root", cfg.data.root, "where it is missing", f"data.root=$PWD/{cfg.data.root}"))
+    if "://" not in cfg.ray.storage_path and not Path(cfg.ray.storage_path).is_absolute():
+        problems.append(("ray.storage_path", cfg.ray.storage_path, "so checkpoints would be deleted with the copy",
+                         f"ray.storage_path=$PWD/{cfg.ray.storage_path} (a folder every node mounts)"))
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        problems.append(("tracking.uri", uri, "so the MLflow database would be deleted with the copy",
+                         f"tracking.uri=sqlite:///$PWD/{uri[len('sqlite:///'):]} or an MLflow server's URL"))
+    if problems:
+        key, value, why, fix = problems[0]
+        more = f" (also: {', '.join(p[3] for p in problems[1:])})" if len(problems) > 1 else ""
+        raise ConfigError(
+            f"{key} '{value}' is relative, and inside a Ray job it resolves against the job's temporary copy of the "
+            f"working directory ({base}), {why}: pass an absolute path, expanded on the submitting side, e.g. "
+            f"{fix}{more}"
+        )

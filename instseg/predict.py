@@ -99,6 +99,21 @@ def load_image(path: str | Path) -> torch.Tensor:
         raise InstsegError(f"cannot read image {path}: {first_line(exc, 1000)}") from None
 
 
+def decode_image_bytes(data: bytes, where: str) -> torch.Tensor:
+    """An encoded image (JPEG, PNG, ...) given as bytes -> float RGB [3, H, W] in [0, 1]; `where` names it in errors."""
+    try:
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return decode_image(encoded, mode=ImageReadMode.RGB).float().div_(255)
+    except (RuntimeError, ValueError) as exc:
+        raise InstsegError(f"{where}: not an image torchvision can decode: {first_line(exc, 300)}") from None
+
+
+@torch.inference_mode()
+def detect(model: nn.Module, images: Sequence[torch.Tensor], conf: float = 0.0) -> list[dict[str, torch.Tensor]]:
+    """The model's output for each image (already on the model's device), detections below `conf` dropped."""
+    return [{key: value[output["scores"] >= conf] for key, value in output.items()} for output in model(list(images))]
+
+
 @torch.inference_mode()
 def predict_paths(
     model: nn.Module,
@@ -119,8 +134,8 @@ def predict_paths(
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         images = [load_image(p).to(device) for p in chunk]
-        for path, image, image_id, output in zip(chunk, images, ids[start : start + batch_size], model(images)):
-            output = {key: value[output["scores"] >= conf] for key, value in output.items()}
+        outputs = detect(model, images, conf)
+        for path, image, image_id, output in zip(chunk, images, ids[start : start + batch_size], outputs):
             results.extend(to_coco_results(int(image_id), output, label_map))
             if draw_dir is not None:
                 draw_prediction(image, output, label_map, draw_dir / drawing_name(path), max(conf, DRAW_SCORE))

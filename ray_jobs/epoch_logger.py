@@ -10,6 +10,9 @@ An MLflow outage does not stop training: a report that cannot be logged quickly 
 sent before the next one; the last report of a run waits for the server (up to OUTAGE_WAIT_S). More than
 MAX_PENDING_EPOCHS unsent epochs end the run with an error that says so (the controller is not retried by
 Ray, so an exception here would otherwise end the run whatever ray.max_failures says: nothing else raises).
+
+Each accepted checkpoint's results.csv (every epoch so far) is also copied beside the run's checkpoints, through
+the storage's own filesystem (a local folder or an object store alike).
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from pyarrow import fs
 from ray.train import Checkpoint, UserCallback
 
 from instseg.metrics.names import EARLY_STOPPED, EPOCH
+from instseg.metrics.results import RESULTS_CSV
 from instseg.redaction import redact
 from instseg.tracking.runs import RunLogger, quick_requests
 
@@ -44,6 +49,8 @@ class EpochMetricsLogger(UserCallback):
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Checkpoint | None) -> None:
         values = metrics[0]  # rank 0: every rank reports the same, already reduced, values
+        if checkpoint is not None:
+            copy_results_beside(checkpoint)
         epoch = int(values[EPOCH])
         self.pending.append((epoch, values, int(time.time() * 1000)))
         last = epoch >= self.epochs or bool(values.get(EARLY_STOPPED))
@@ -83,3 +90,14 @@ class EpochMetricsLogger(UserCallback):
             f"the MLflow server at {redact(self.tracking_uri)} was unreachable {how_long}: epochs {epochs} of run "
             f"{self.run_id} are not in MLflow (their checkpoints are saved; rerun with the same run_name to resume)"
         )
+
+
+def copy_results_beside(checkpoint: Checkpoint) -> None:
+    """The checkpoint's results.csv to the run's folder (the checkpoints' parent), replaced in one move."""
+    parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    source = f"{checkpoint.path}/{RESULTS_CSV}"
+    if checkpoint.filesystem.get_file_info(source).type != fs.FileType.File:
+        return  # a checkpoint written before results.csv existed
+    staging = f"{parent}/.{RESULTS_CSV}.{time.time_ns()}"
+    checkpoint.filesystem.copy_file(source, staging)
+    checkpoint.filesystem.move(staging, f"{parent}/{RESULTS_CSV}")

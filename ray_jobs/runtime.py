@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 from typing import Any
 
 import ray
+
+GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"  # read by ray.init when it starts a local instance
 
 
 def init_ray(address: str | None = None, **kwargs) -> None:
@@ -18,8 +21,45 @@ def init_ray(address: str | None = None, **kwargs) -> None:
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=target, log_to_driver=True, **kwargs)
+    if target == "local":
+        start_local_ray(**kwargs)
+    else:
+        ray.init(address=target, log_to_driver=True, **kwargs)
     stop_on_sigterm()
+
+
+def start_local_ray(**kwargs: Any) -> None:
+    """A private local instance whose every process knows its address.
+
+    Ray Train's PlacementGroupCleaner (and anything else that calls Ray's state API without an address) looks
+    for "the" local cluster; beside another instance on the same machine (a `ray start --head`, a second
+    training) it picked the other one, decided that our controller was dead and exited, so our run lost
+    its cleanup (and could have lost its placement group). Choosing the GCS port up front lets RAY_ADDRESS
+    point every worker of this instance at it."""
+    port = _free_port()
+    runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+    runtime_env["env_vars"] = {
+        **runtime_env.get("env_vars", {}),
+        "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}",
+        # one node is preempted whole: Ray Train's preemption watcher has nothing to watch here, and starting it
+        # prints a spurious core_worker error ("constructor arguments in the object store") on every run
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    }
+    previous = os.environ.get(GCS_PORT_VARIABLE)
+    os.environ[GCS_PORT_VARIABLE] = str(port)
+    try:
+        ray.init(address="local", log_to_driver=True, runtime_env=runtime_env, **kwargs)
+    finally:
+        if previous is None:
+            os.environ.pop(GCS_PORT_VARIABLE, None)
+        else:
+            os.environ[GCS_PORT_VARIABLE] = previous
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -17,7 +17,9 @@ from typing import Sequence
 
 from instseg.cli import parse_command
 from instseg.config import Config
+from instseg.errors import InstsegError
 from instseg.metrics.names import FITNESS
+from instseg.promotion import register_run
 from instseg.redaction import redact
 from instseg.tracking.liveness import Heartbeat
 from instseg.tracking.runs import resolve_tracking_uri
@@ -45,11 +47,25 @@ def run_training(cfg: Config) -> TrainSummary:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    summary = run_training(load_config(args))
+    cfg = load_config(args)
+    summary = run_training(cfg)
     fit = summary.metrics.get(FITNESS)
     print(f"run {summary.run_id} finished: {FITNESS} {fit if fit is None else round(fit, 5)}, model bundle {summary.bundle_uri}")
+    if getattr(args, "register", None):
+        register_trained(cfg, summary, args.register)
     print_result(summary.to_dict())
     return 0
+
+
+def register_trained(cfg: Config, summary: TrainSummary, model_name: str) -> str:
+    """`instseg train --register NAME`: the run's best checkpoint becomes NAME's next version (its challenger)."""
+    if summary.bundle_uri is None:
+        raise InstsegError(f"run {summary.run_id} saved no checkpoint: no model to register as {model_name}")
+    tags = {"source": "instseg train", "run_name": cfg.run_name or "", FITNESS: summary.metrics.get(FITNESS)}
+    version = register_run(resolve_tracking_uri(cfg.tracking.uri), summary.run_id, model_name, tags=tags,
+                           bundle_uri=summary.bundle_uri)
+    print(f"registered as {model_name} version {version} (challenger); `instseg promote {model_name}` runs the gate")
+    return version
 
 
 def main(argv: Sequence[str] | None = None) -> int:

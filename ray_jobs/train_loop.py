@@ -9,6 +9,7 @@ by the controller when it accepts the report (ray_jobs.epoch_logger).
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import ray.train.torch
 import torch
 
 from instseg.config import Config, flatten
+from instseg.data.coco import dataset_fingerprint
 from instseg.data.loaders import build_datasets, build_loader, group_by_aspect_ratio
 from instseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from instseg.engine.distributed import evaluate_sharded, from_rank_zero, gather_to_all, mean_across_ranks
@@ -26,13 +28,15 @@ from instseg.engine.early_stopping import EarlyStopping
 from instseg.engine.loops import train_one_epoch, validation_loss
 from instseg.engine.optim import build_optimizer, build_scheduler
 from instseg.engine.precision import apply_backend_flags, resolve_precision
+from instseg.engine.progress import BarProgress, LineProgress, Progress
 from instseg.metrics.coco_eval import CocoEvaluator
 from instseg.metrics.fitness import fitness
-from instseg.metrics.names import EARLY_STOPPED, EPOCH, FITNESS, TRAIN_LOSS_KEYS
+from instseg.metrics.names import EARLY_STOPPED, EPOCH, EPOCH_TIME, FITNESS, LEARNING_RATE, TRAIN_LOSS_KEYS, val_key
 from instseg.metrics.report import curve_metrics, write_training_plots
+from instseg.metrics.results import RESULTS_CSV, EpochTable, results_csv
 from instseg.models import build_model
 from instseg.redaction import redact_tree
-from instseg.tracking.runs import RunLogger
+from instseg.tracking.runs import RunLogger, start_system_metrics
 
 PLOTTED_IMAGES = 8  # validation images in the predictions grid
 PLOTTED_LOSSES = ("train/loss", "val/loss", *(f"train/{k}" for k in TRAIN_LOSS_KEYS))  # per epoch, in loss_curves.png
@@ -42,13 +46,15 @@ NODES_TAG = "instseg.worker_nodes"  # Ray node id of each rank, in rank order, a
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """loop_config: {"config": Config.model_dump(), "tracking_uri": str, "run_id": str}.
+    """loop_config: {"config": Config.model_dump(), "tracking_uri": str, "run_id": str, "progress": "bar" | "lines" |
+    "off"} (train.progress as the driver resolved it: only the driver knows whether a terminal is watching).
 
     Restarted by Ray Train after a worker or node failure (and by a rerun of the same run name), it
     continues from the latest checkpoint: weights, optimizer, LR schedule, fp16 scaler, epoch and
     early-stopping state. Per-epoch metrics reach MLflow through ray_jobs.epoch_logger, in step with
     the checkpoints."""
     cfg = Config.model_validate(loop_config["config"])
+    quiet_ray_train_reports()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.seed + rank)
@@ -79,12 +85,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     nodes = gather_to_all(ray.get_runtime_context().get_node_id())
     if logger is not None:
         logger.set_tags({NODES_TAG: ",".join(nodes)})
+    restored = ray.train.get_checkpoint()
+    system_metrics = None
+    if cfg.tracking.system_metrics_s > 0 and context.get_local_rank() == 0:  # one monitor per node
+        node_id = f"node_{context.get_node_rank()}" if len(set(nodes)) > 1 else None
+        system_metrics = start_system_metrics(loop_config["tracking_uri"], loop_config["run_id"],
+                                              cfg.tracking.system_metrics_s, node_id, resume=restored is not None)
 
     start_epoch = 0
-    # the plotted losses per epoch travel in the checkpoints: the plots never depend on what MLflow has
-    # received (during an outage, the controller holds epochs back)
-    history: dict[str, list[tuple[int, float]]] = {key: [] for key in PLOTTED_LOSSES}
-    restored = ray.train.get_checkpoint()
+    # every epoch's metrics travel in the checkpoints: results.csv and the loss plots never depend on what
+    # MLflow has received (during an outage, the controller holds epochs back)
+    results: list[dict[str, float]] = []
     if restored is not None:
         with restored.as_directory() as folder:
             state = load_checkpoint(folder)
@@ -94,21 +105,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         precision.load_scaler_state(state.get("scaler", {}))
         stopper.load_state_dict(state.get("early_stopping", {}))
         start_epoch = int(state["epoch"])
-        history.update({key: [tuple(point) for point in points] for key, points in state.get("history", {}).items()})
+        results = list(state.get("results", []))
         if logger is not None:
             _record_resume(logger, state)
     elif logger is not None:
         _log_run_setup(logger, cfg, world_size, label_map, train_set, val_set)
+        _log_datasets(logger, cfg, label_map, train_set, val_set)
 
     val_loader = build_loader(val_set, cfg.data, shuffle=False)
     stored_config = redact_tree(cfg.model_dump())  # checkpoints and bundles travel: no credentials in them
     evaluator = CocoEvaluator(val_set.coco, label_map, backend=cfg.metrics.backend)
+    table = EpochTable(cfg.train.epochs)
     for epoch in range(start_epoch, cfg.train.epochs):
         started = time.perf_counter()
         sampler = train_loader.batch_sampler if cfg.data.aspect_ratio_grouping else train_loader.sampler
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every rank
-        progress = (lambda line: print(f"[epoch {epoch + 1}] {line}", flush=True)) if rank == 0 else None
+        mode = loop_config.get("progress", "lines")
+        progress = make_progress(mode, epoch + 1, cfg.train.epochs) if rank == 0 else None
         train_metrics = mean_across_ranks(
             train_one_epoch(model, optimizer, train_loader, device, scheduler, cfg.train.log_every, progress,
                             precision=precision, grad_clip_norm=cfg.train.grad_clip_norm)
@@ -120,30 +134,32 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             EPOCH: epoch + 1,
             **train_metrics,
             **val_metrics,
-            "train/lr": optimizer.param_groups[0]["lr"],
-            "train/epoch_time_s": time.perf_counter() - started,
+            LEARNING_RATE: optimizer.param_groups[0]["lr"],
+            EPOCH_TIME: time.perf_counter() - started,
             EARLY_STOPPED: float(stop),
             FITNESS: fit,
         }
         last = stop or epoch + 1 == cfg.train.epochs
-        for key in PLOTTED_LOSSES:
-            history[key].append((epoch + 1, float(metrics[key])))
+        results.append({key: float(value) for key, value in metrics.items()})
         if logger is not None:
-            _print_epoch(metrics, cfg, epoch + 1)
+            print("\n".join(table.lines(metrics)), flush=True)
+            logger.log_text(results_csv(results), RESULTS_CSV)
             if last:
                 # before the last report: under Tune that report ends the trial and its workers
-                _log_plots(logger, history, curves, label_map, val_set, evaluator)
+                _log_plots(logger, results, curves, label_map, val_set, evaluator)
             if stop:
                 print(f"early stopping: {stopper.reason}", flush=True)
                 logger.set_tags({"instseg.early_stopped": "true", "instseg.stop_reason": stopper.reason, "instseg.stopped_epoch": epoch + 1})
         state = {
             "model": core, "optimizer": optimizer, "scheduler": scheduler, "epoch": epoch + 1, "config": stored_config,
             "label_map": label_map.to_dict(), "metrics": metrics, "early_stopping": stopper.state_dict(),
-            "scaler": precision.scaler_state(), "history": history,
+            "scaler": precision.scaler_state(), "results": results,
         }
         report_epoch(metrics, state if rank == 0 else None, epoch + 1)
         if stop:
             break
+    if system_metrics is not None:
+        system_metrics.finish()  # its last samples; on a failure its thread ends with the process
 
 
 def report_epoch(metrics: dict[str, float], checkpoint_state: dict[str, Any] | None, epoch: int) -> None:
@@ -154,6 +170,8 @@ def report_epoch(metrics: dict[str, float], checkpoint_state: dict[str, Any] | N
         return
     with tempfile.TemporaryDirectory(prefix="instseg-ckpt-") as folder:
         save_checkpoint(Path(folder), **checkpoint_state)
+        # results.csv rides with each checkpoint; the controller copies the latest beside them (ray_jobs.epoch_logger)
+        (Path(folder) / RESULTS_CSV).write_text(results_csv(checkpoint_state["results"]))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=f"epoch_{epoch:04d}")
 
 
@@ -182,6 +200,18 @@ def _log_run_setup(logger: RunLogger, cfg: Config, world_size: int, label_map: A
         logger.log_metrics(skipped, step=0)
 
 
+def _log_datasets(logger: RunLogger, cfg: Config, label_map: Any, train_set: Any, val_set: Any) -> None:
+    """Rank 0 of a fresh run: both splits as MLflow dataset inputs (fingerprint, images, instances, classes)."""
+    fingerprint = dataset_fingerprint(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
+    splits = {
+        context: {"split": name, "images": len(dataset), "instances": len(dataset.coco.getAnnIds(dataset.image_ids)),
+                  "classes": label_map.num_classes - 1}
+        for context, name, dataset in (("training", cfg.data.train_split, train_set),
+                                       ("validation", cfg.data.val_split, val_set))
+    }
+    logger.log_dataset_inputs(cfg.data.root, fingerprint, splits)
+
+
 def _record_resume(logger: RunLogger, state: dict[str, Any]) -> None:
     """Rank 0 after a restore: tag the run, and log the checkpoint's epoch if MLflow lacks it (the
     controller died between registering the checkpoint and logging it), so history has no gap."""
@@ -193,12 +223,15 @@ def _record_resume(logger: RunLogger, state: dict[str, Any]) -> None:
 
 
 def _curve_metrics(val_set: Any, evaluator: CocoEvaluator) -> tuple[dict[str, float], tuple[Any, Any]]:
-    """P / R / F1 / Dice of the masks (Ultralytics definitions) from the predictions just evaluated."""
+    """P / R / F1 of boxes and masks, and the masks' Dice (Ultralytics definitions), from the predictions just
+    evaluated; the masks' curves and confusion matrix for the plots."""
+    box_values, _, _ = curve_metrics(val_set.coco, evaluator.results, "bbox")
     values, curves, matrix = curve_metrics(val_set.coco, evaluator.results, "segm")
-    return values, (curves, matrix)
+    box_values.pop(val_key("bbox", "dice"))  # a Dice of two boxes says nothing about the masks
+    return {**box_values, **values}, (curves, matrix)
 
 
-def _log_plots(logger: RunLogger, history: dict[str, list[tuple[int, float]]], curves_and_matrix: tuple[Any, Any],
+def _log_plots(logger: RunLogger, results: list[dict[str, float]], curves_and_matrix: tuple[Any, Any],
                label_map: Any, val_set: Any, evaluator: CocoEvaluator) -> None:
     """Rank 0, at the last epoch: confusion matrix, curves, loss curves and validation overlays to MLflow."""
     curves, matrix = curves_and_matrix
@@ -206,15 +239,27 @@ def _log_plots(logger: RunLogger, history: dict[str, list[tuple[int, float]]], c
     for index in range(min(PLOTTED_IMAGES, len(val_set))):
         image, target = val_set[index]
         samples.append((image, [r for r in evaluator.results if r["image_id"] == target["image_id"]]))
+    losses = {key: [(int(epoch[EPOCH]), epoch[key]) for epoch in results if key in epoch] for key in PLOTTED_LOSSES}
     with tempfile.TemporaryDirectory(prefix="instseg-plots-") as folder:
-        for path in write_training_plots(Path(folder), curves, matrix, label_map, history, samples, score=OVERLAY_SCORE):
+        for path in write_training_plots(Path(folder), curves, matrix, label_map, losses, samples, score=OVERLAY_SCORE):
             logger.log_artifact(path, "plots")
 
 
-def _print_epoch(metrics: dict[str, float], cfg: Config, epoch: int) -> None:
-    """Rank 0: one progress line per epoch."""
-    print(
-        f"epoch {epoch}/{cfg.train.epochs}: train/loss {metrics['train/loss']:.4f} val/loss {metrics['val/loss']:.4f} "
-        f"val/segm_map {metrics['val/segm_map']:.4f} {FITNESS} {metrics[FITNESS]:.4f} ({metrics['train/epoch_time_s']:.1f} s)",
-        flush=True,
-    )
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs every report with its whole metrics dict at INFO through a logger named after its source
+    file (outside `ray.train`, so RunConfig's logging_config misses it): our epoch table says the same."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.replace("\\", "/").endswith("ray/train/v2/_internal/execution/context.py"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def make_progress(mode: str, epoch: int, epochs: int) -> Progress | None:
+    """Rank 0's progress during an epoch: "bar" is drawn by the Ray driver in its terminal (tqdm_ray), "lines"
+    prints a line every train.log_every steps, "off" nothing."""
+    if mode == "bar":
+        from ray.experimental.tqdm_ray import tqdm
+
+        return BarProgress(epoch, epochs, tqdm)
+    if mode == "lines":
+        return LineProgress(epoch, epochs, lambda line: print(line, flush=True))
+    return None

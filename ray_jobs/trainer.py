@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,15 +21,18 @@ from instseg.models.bundle import bundle_from_checkpoint
 from instseg.models.weights import check_weights_available
 from instseg.redaction import redact
 from instseg.tracking.liveness import check_no_live_driver, close_orphaned_runs, driver_tags
+from instseg.tracking.pyfunc_model import BUNDLE_ARTIFACT
 from instseg.tracking.runs import RunLogger, check_tracking_reachable, create_run, find_run
 from ray_jobs.epoch_logger import EpochMetricsLogger
 from ray_jobs.train_loop import train_loop_per_worker
 
-BUNDLE_ARTIFACT_PATH = "bundle"
 FINGERPRINT_TAG = "instseg.dataset_fingerprint"
 # Train V2 routes every worker print() to its logger and also to stdout, which doubles our progress
 # lines and defeats contextlib.redirect_stdout around pycocotools' chatter: keep print as print.
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# Ray Train's INFO lines (each report's whole metrics dict, checkpoint paths, worker-group start) repeat what our
+# table says; its warnings and errors still show
+RAY_TRAIN_LOG_LEVEL = "WARNING"
 
 
 @dataclass
@@ -122,6 +126,13 @@ def scaling_config(cfg: Config) -> ray.train.ScalingConfig:
     )
 
 
+def progress_mode(setting: str) -> str:
+    """train.progress as the workers use it: "auto" is a bar when this driver prints to a terminal, else lines."""
+    if setting != "auto":
+        return setting
+    return "bar" if sys.stdout.isatty() else "lines"
+
+
 def build_trainer(cfg: Config, *, tracking_uri: str, run_id: str, name: str, callbacks: list | None = None) -> TorchTrainer:
     """cfg must have absolute paths (config.resolve_paths): workers run in another directory.
 
@@ -129,7 +140,10 @@ def build_trainer(cfg: Config, *, tracking_uri: str, run_id: str, name: str, cal
     `callbacks` run after the per-epoch MLflow logger (ray_jobs.epoch_logger)."""
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(), "tracking_uri": tracking_uri, "run_id": run_id},
+        train_loop_config={
+            "config": cfg.model_dump(), "tracking_uri": tracking_uri, "run_id": run_id,
+            "progress": progress_mode(cfg.train.progress),
+        },
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=name,
@@ -144,6 +158,7 @@ def build_trainer(cfg: Config, *, tracking_uri: str, run_id: str, name: str, cal
             ),
             callbacks=[EpochMetricsLogger(tracking_uri, run_id, cfg.train.epochs), *(callbacks or [])],
             worker_runtime_env={"env_vars": WORKER_ENV},
+            logging_config=ray.train.LoggingConfig(log_level=RAY_TRAIN_LOG_LEVEL),
         ),
     )
 
@@ -152,10 +167,10 @@ def log_checkpoint_bundle(logger: RunLogger, checkpoint: ray.train.Checkpoint) -
     """Log the weights + config bundle of `checkpoint` to the run; returns its runs:/ URI."""
     with tempfile.TemporaryDirectory(prefix="instseg-bundle-") as tmp:
         local = checkpoint.to_directory(str(Path(tmp) / "checkpoint"))
-        bundle = bundle_from_checkpoint(local, Path(tmp) / BUNDLE_ARTIFACT_PATH)
+        bundle = bundle_from_checkpoint(local, Path(tmp) / BUNDLE_ARTIFACT)
         for file in bundle.iterdir():
-            logger.log_artifact(file, BUNDLE_ARTIFACT_PATH)
-    return f"runs:/{logger.run_id}/{BUNDLE_ARTIFACT_PATH}"
+            logger.log_artifact(file, BUNDLE_ARTIFACT)
+    return f"runs:/{logger.run_id}/{BUNDLE_ARTIFACT}"
 
 
 def fit_and_log(trainer: TorchTrainer, tracking_uri: str, run_id: str, closes_failed_runs: bool = True) -> TrainSummary:

@@ -32,7 +32,7 @@ def save_checkpoint(
     metrics: dict[str, float],
     early_stopping: dict[str, Any] | None = None,
     scaler: dict[str, Any] | None = None,
-    history: dict[str, list[tuple[int, float]]] | None = None,
+    results: list[dict[str, float]] | None = None,
 ) -> Path:
     """Everything a resumed run needs: `epoch` is the number of completed epochs, config is
     Config.model_dump(), label_map LabelMap.to_dict(), metrics the epoch's reported metrics."""
@@ -48,7 +48,7 @@ def save_checkpoint(
             "metrics": metrics,
             "early_stopping": early_stopping or {},
             "scaler": scaler or {},  # fp16 GradScaler state ({} without fp16)
-            "history": history or {},  # metric -> [(epoch, value)] of every epoch so far (the loss plots)
+            "results": results or [],  # the reported metrics of every epoch so far (results.csv, loss plots)
         },
         path,
     )

@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from instseg.engine.precision import Precision
+from instseg.engine.progress import Progress
 from instseg.errors import InstsegError
 from instseg.metrics.coco_eval import CocoEvaluator
 from instseg.metrics.names import TRAIN_LOSS, TRAIN_LOSS_KEYS, WORKER_THROUGHPUT, train_key
 
-ProgressFn = Callable[[str], None]
 VALIDATION_SEED = 0  # the random sampling inside validation losses (see validation_loss)
 
 
@@ -40,7 +40,7 @@ def train_one_epoch(
     device: torch.device,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     log_every: int = 10,
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
     precision: Precision | None = None,
     grad_clip_norm: float = 0.0,
 ) -> dict[str, float]:
@@ -48,7 +48,8 @@ def train_one_epoch(
     training throughput in images/s (data loading included).
 
     `scheduler` steps per iteration (warm-up + per-iteration decay); `precision` sets autocast and the
-    fp16 loss scaler; `grad_clip_norm` > 0 clips the global gradient norm (after unscaling).
+    fp16 loss scaler; `grad_clip_norm` > 0 clips the global gradient norm (after unscaling); `progress`
+    hears of every step, and of the running loss every `log_every` steps (instseg.engine.progress).
 
     The loop itself does not make the host wait for the GPU each step (torchvision's references read the
     loss before every backward): the losses are summed on the device and read every `log_every` steps and at
@@ -60,6 +61,8 @@ def train_one_epoch(
     sums: dict[str, torch.Tensor] = {}
     steps = images_seen = 0
     start = time.perf_counter()
+    if progress is not None:
+        progress.start(len(loader) if hasattr(loader, "__len__") else None)
     for images, targets in loader:
         images_seen += len(images)
         images, targets = batch_to_device(images, targets, device)
@@ -85,10 +88,11 @@ def train_one_epoch(
             value = value.detach().float()
             sums[key] = sums[key] + value if key in sums else value
         steps += 1
-        if steps % log_every == 0:
-            means = _read_means(sums, steps)
-            if progress is not None:
-                progress(f"step {steps}: loss {means['loss']:.4f} ({steps / (time.perf_counter() - start):.2f} it/s)")
+        loss_read = _read_means(sums, steps)["loss"] if steps % log_every == 0 else None
+        if progress is not None:
+            progress.step(steps, images_seen, loss_read)
+    if progress is not None:
+        progress.close()
     elapsed = time.perf_counter() - start
     means = _read_means(sums, steps) if steps else dict.fromkeys((*TRAIN_LOSS_KEYS, "loss"), 0.0)
     result = {train_key(key): value for key, value in means.items() if key != "loss"}

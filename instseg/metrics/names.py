@@ -12,6 +12,8 @@ EARLY_STOPPED = "train/early_stopped"  # 1.0 on the epoch after which patience r
 TRAIN_LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 TRAIN_LOSS = "train/loss"
 WORKER_THROUGHPUT = "train/worker_images_per_s"  # training images per second per worker (mean over workers)
+EPOCH_TIME = "train/epoch_time_s"  # seconds the epoch took: training, validation and its plots
+LEARNING_RATE = "train/lr"  # at the end of the epoch (first parameter group)
 
 # pycocotools COCOeval.stats order, under the names users know from torchmetrics / Ultralytics
 COCO_STAT_NAMES = (

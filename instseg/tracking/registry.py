@@ -7,10 +7,12 @@ numbers are recorded as tags on the challenger's version.
 
 from __future__ import annotations
 
+import base64
 import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -24,7 +26,7 @@ from instseg.errors import InstsegError
 from instseg.metrics.names import FITNESS, FITNESS_MODE
 from instseg.models.bundle import is_bundle
 from instseg.redaction import redact
-from instseg.tracking.pyfunc_model import BUNDLE_ARTIFACT
+from instseg.tracking.pyfunc_model import BUNDLE_ARTIFACT, IMAGE_COLUMN, model_signature
 from instseg.tracking.runs import quiet_urls
 
 CHAMPION = "champion"
@@ -32,7 +34,9 @@ CHALLENGER = "challenger"
 MODEL_ARTIFACT = "model"
 PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_entry.py")
 MLFLOW_TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-PIP_REQUIREMENTS = ["torch", "torchvision", "pycocotools", "pydantic", "pyyaml", "pillow", "pandas"]
+# what the served model imports (instseg's own code travels with it), pinned to the versions that logged it
+SERVING_PACKAGES = ("torch", "torchvision", "pycocotools", "pydantic", "pyyaml", "pillow", "pandas", "numpy", "mlflow")
+EXAMPLE_IMAGE_SIZE = (48, 64)  # the input example: a grey PNG this size (height, width), base64
 
 
 # what promotion records of each model besides FITNESS: mask and box mAP50-95 / mAP50 on the held-out split
@@ -83,7 +87,9 @@ def register_bundle(tracking_uri: str, run_id: str, bundle_dir: Path, model_name
                 python_model=str(PYFUNC_ENTRY),
                 artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
                 code_paths=[str(Path(instseg.__file__).parent)],
-                pip_requirements=PIP_REQUIREMENTS,
+                pip_requirements=pinned_requirements(),
+                signature=model_signature(),
+                input_example=_input_example(),
                 registered_model_name=model_name,
             )
     finally:
@@ -96,6 +102,26 @@ def register_bundle(tracking_uri: str, run_id: str, bundle_dir: Path, model_name
         client.set_model_version_tag(model_name, version, key, str(value))
     client.set_registered_model_alias(model_name, CHALLENGER, version)
     return version
+
+
+def pinned_requirements() -> list[str]:
+    """SERVING_PACKAGES as `name==version` of this environment (a CUDA or CPU build tag left off)."""
+    pinned = []
+    for package in SERVING_PACKAGES:
+        try:
+            pinned.append(f"{package}=={metadata.version(package).split('+')[0]}")
+        except metadata.PackageNotFoundError:
+            pinned.append(package)
+    return pinned
+
+
+def _input_example() -> Any:
+    import pandas as pd
+    import torch
+    from torchvision.io import encode_png
+
+    image = encode_png(torch.full((3, *EXAMPLE_IMAGE_SIZE), 128, dtype=torch.uint8)).numpy().tobytes()
+    return pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(image).decode("ascii")]})
 
 
 def _version_for(client: MlflowClient, model_name: str, alias: str) -> Any | None:

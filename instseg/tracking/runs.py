@@ -6,6 +6,7 @@ their ids are handed down explicitly; workers only log into a run id they were g
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from instseg.config import absolute_tracking_uri
@@ -23,6 +24,7 @@ from instseg.redaction import redact
 
 LIBRARIES = ("torch", "torchvision", "ray", "mlflow", "prefect", "optuna", "pycocotools", "instseg")
 _MAX_PARAM_LENGTH = 6000
+DATASET_CONTEXT_TAG = "mlflow.data.context"  # the tag MLflow's UI reads a dataset input's role from
 
 
 # the client's own defaults retry an unreachable server for about four minutes per call
@@ -143,6 +145,24 @@ class RunLogger:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_dataset_inputs(self, root: str, fingerprint: str, splits: Mapping[str, Mapping[str, Any]]) -> None:
+        """The run's data as MLflow dataset inputs, one per split (context -> {"split": name, "images": n, ...}):
+        named root/split, its digest the dataset fingerprint, its profile the split's counts."""
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=f"{Path(root).name}/{info['split']}", digest=fingerprint, source_type="local",
+                    source=json.dumps({"uri": str(root)}), profile=json.dumps(dict(info)),
+                ),
+                tags=[InputTag(DATASET_CONTEXT_TAG, context)],
+            )
+            for context, info in splits.items()
+        ]
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
     def log_dict(self, data: Any, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, data, artifact_file)
 
@@ -204,3 +224,17 @@ def child_runs(tracking_uri: str, parent_run_id: str) -> list[Any]:
         filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
         max_results=10000,
     )
+
+
+def start_system_metrics(tracking_uri: str, run_id: str, interval_s: float, node_id: str | None = None,
+                         resume: bool = False) -> Any:
+    """MLflow's system metrics monitor (system/cpu_utilization_percentage, system/gpu_0_memory_usage_megabytes,
+    ...; GPU metrics when pynvml finds one) logging into `run_id` every `interval_s` seconds from this process,
+    under system/<node_id>/ when given; it stops by itself when the run is no longer RUNNING. `resume` continues
+    the step numbers a restarted run already has."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=resume, node_id=node_id,
+                                   tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor

@@ -24,8 +24,10 @@ def ensure_auth_token() -> str:
 def local_ray():
     import ray
 
+    from ray_jobs.runtime import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, log_to_driver=True)
+        start_local_ray(num_cpus=2)  # as `instseg train` starts it
     yield ray
     ray.shutdown()
 

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
@@ -15,6 +16,7 @@ from instseg.data.coco import load_coco
 from instseg.evaluation import evaluate_on_split
 from instseg.metrics.names import FITNESS
 from instseg.models.bundle import load_bundle
+from instseg.tracking.pyfunc_model import encode_image_file
 from instseg.tracking.registry import CHALLENGER, CHAMPION, aliases, download_bundle, promote, register_bundle
 from tests.conftest import DEMO_CONFIG, TINY
 
@@ -107,7 +109,7 @@ def test_promotion_keeps_champion_unless_strictly_better(local_ray, tiny_config,
 
     mlflow.set_tracking_uri(trained.tracking_uri)
     served = mlflow.pyfunc.load_model("models:/gate-test@champion")
-    images = sorted(str(p) for p in (Path(cfg.data.root) / "images" / "val").glob("*.jpg"))[:2]
-    frame = served.predict(images)
-    assert {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(frame.columns)
-    assert set(frame["image_id"]) <= {int(Path(p).stem) for p in images}
+    images = sorted((Path(cfg.data.root) / "images" / "val").glob("*.jpg"))[:2]
+    frame = served.predict(pd.DataFrame({"image": [encode_image_file(p) for p in images], "image_id": [11, 12]}))
+    assert {"image_id", "category_id", "category", "bbox", "score", "segmentation"} <= set(frame.columns)
+    assert set(frame["image_id"]) <= {11, 12}

@@ -50,7 +50,8 @@ def test_token_authenticated_job_trains_end_to_end(token_head, synth_root, tmp_p
     address, token = token_head
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     entrypoint = [sys.executable, "-m", "instseg", "train", "--config", str(DEMO_CONFIG.relative_to(ROOT)),
-                  *isolated_overrides(synth_root, tmp_path), "train.epochs=1", "run_name=job-train"]
+                  *isolated_overrides(synth_root, tmp_path), "train.epochs=1", "train.log_every=2",
+                  "run_name=job-train", "--register", "job-model"]
     lines: list[str] = []
     # the project folder travels as the job's working_dir, as with `ray job submit --working-dir .`
     runtime_env = load_runtime_env(str(ROOT / "cluster" / "runtime_env.yaml"), str(ROOT))
@@ -58,11 +59,49 @@ def test_token_authenticated_job_trains_end_to_end(token_head, synth_root, tmp_p
     outcome = submit_job(entrypoint, address=address, runtime_env=runtime_env, token=token, on_line=lines.append)
 
     assert outcome.status == "SUCCEEDED", "\n".join(lines[-60:])
-    assert any("epoch 1/1" in line for line in lines), "the job's logs were followed"
+    # the job's logs were followed; they are not a terminal: plain progress lines, then the epoch table, and none
+    # of Ray Train's INFO chatter
+    assert any("epoch 1/1  step 2/" in line and "img/s" in line for line in lines), "\n".join(lines[-60:])
+    assert any("Mask(P" in line for line in lines)
+    assert not [line for line in lines if "Reporting training result" in line or "Checkpoint successfully" in line]
     run = MlflowClient(tracking_uri).get_run(outcome.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "job-train"
     assert outcome.summary["run_id"] == outcome.run_id and outcome.summary["metrics"][EPOCH] == 1
     assert FITNESS in run.data.metrics
+    # --register: the run's model is the registered model's first version, its challenger
+    version = MlflowClient(tracking_uri).get_model_version_by_alias("job-model", "challenger")
+    assert str(version.version) == "1" and version.run_id == outcome.run_id
+    assert any("registered as job-model version 1 (challenger)" in line for line in lines)
+
+
+def test_a_job_given_relative_paths_stops_at_once_saying_what_to_pass(token_head):
+    """The README's old example: inside a job, data/synth resolved against the job's copy of the working
+    directory, which leaves data/ out; the job now stops in its first seconds with the fix in one line."""
+    address, token = token_head
+    runtime_env = load_runtime_env(str(ROOT / "cluster" / "runtime_env.yaml"), str(ROOT))
+    runtime_env.pop("pip")
+    lines: list[str] = []
+    entrypoint = [sys.executable, "-m", "instseg", "train", "--config", str(DEMO_CONFIG.relative_to(ROOT))]
+    outcome = submit_job(entrypoint, address=address, runtime_env=runtime_env, token=token, on_line=lines.append)
+    assert outcome.status == "FAILED" and outcome.run_id is None
+    refusal = [line for line in lines if line.startswith("instseg: error: data.root 'data/synth' is relative")]
+    assert refusal and "data.root=$PWD/data/synth" in refusal[0], "\n".join(lines[-30:])
+
+
+def test_our_local_instance_finds_itself_beside_another_cluster(token_head, local_ray):
+    """Ray Train's PlacementGroupCleaner asks Ray's state API, with no address, whether the controller still
+    lives. Beside another instance (token_head here) that lookup failed ("multiple active Ray instances") or
+    asked the other cluster, which knows no such actor, so the cleaner thought our controller dead."""
+
+    @local_ray.remote(num_cpus=0)
+    class Probe:
+        def my_state(self) -> str | None:
+            from ray.util.state import get_actor
+
+            found = get_actor(local_ray.get_runtime_context().get_actor_id(), timeout=30)
+            return found.state if found else None
+
+    assert local_ray.get(Probe.remote().my_state.remote()) == "ALIVE"
 
 
 def test_job_status_says_how_a_job_ended(token_head, capsys):

@@ -1,14 +1,14 @@
 """Real Ray Train runs (Train V2, CPU workers) of the tiny model, tracked in a real MLflow store."""
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
-import torch
-from mlflow import MlflowClient
-
 import ray.train
 import ray.train.torch
+import torch
+from mlflow import MlflowClient
 from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 
@@ -16,8 +16,9 @@ from instseg.config import Config
 from instseg.data.loaders import build_datasets, build_loader
 from instseg.engine.checkpoint import load_checkpoint
 from instseg.metrics.coco_eval import CocoEvaluator
-from instseg.models import build_model
 from instseg.metrics.names import COCO_STAT_NAMES, EPOCH, FITNESS, TRAIN_LOSS_KEYS
+from instseg.metrics.results import RESULTS_CSV
+from instseg.models import build_model
 from instseg.models.bundle import load_bundle
 from instseg.tracking.registry import download_bundle
 from ray_jobs.train import run_training
@@ -30,7 +31,8 @@ pytestmark = pytest.mark.integration
 def test_train_reports_tracks_checkpoints_and_stops_early(local_ray, tiny_config, tmp_path):
     # 4 epochs allowed; an improvement of 1.0 in fitness is impossible, so patience 1 stops after epoch 2
     # with the soft-Dice term on the mask head
-    cfg = tiny_config("train.epochs=4", "train.patience=1", "train.min_delta=1.0", "model.mask_dice_weight=0.5", "run_name=it-train")
+    cfg = tiny_config("train.epochs=4", "train.patience=1", "train.min_delta=1.0", "model.mask_dice_weight=0.5",
+                      "run_name=it-train", "tracking.system_metrics_s=1")
     summary = run_training(cfg)
 
     client = MlflowClient(summary.tracking_uri)
@@ -51,11 +53,32 @@ def test_train_reports_tracks_checkpoints_and_stops_early(local_ray, tiny_config
     plots = {Path(a.path).name for a in client.list_artifacts(summary.run_id, "plots")}
     assert plots == {"confusion_matrix.png", "confusion_matrix_normalized.png", "PR_curve.png", "P_curve.png", "R_curve.png",
                      "F1_curve.png", "loss_curves.png", "val_predictions.png"}
-    for key in ("val/segm_precision", "val/segm_recall", "val/segm_f1", "val/segm_dice"):
+    curve_keys = ("segm_precision", "segm_recall", "segm_f1", "segm_dice", "bbox_precision", "bbox_recall")
+    for key in (f"val/{name}" for name in curve_keys):
         assert [m.step for m in client.get_metric_history(summary.run_id, key)] == [1, 2], key
+
+    # system metrics from the worker's node, and the data as dataset inputs with the fingerprint and split sizes
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation"}
+    assert inputs["training"].name == f"{Path(cfg.data.root).name}/train"
+    assert inputs["training"].digest == run.data.tags["instseg.dataset_fingerprint"][:len(inputs["training"].digest)]
+    assert json.loads(inputs["validation"].profile)["images"] == len(build_datasets(cfg.data)[1])
+
+    # results.csv, one row per epoch, beside the checkpoints and in the MLflow run, with the numbers MLflow has
+    beside = Path(cfg.ray.storage_path, "it-train", RESULTS_CSV)
+    rows = list(csv.DictReader(beside.open()))
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert float(rows[1]["metrics/mAP50-95(M)"]) == pytest.approx(run.data.metrics["val/segm_map"])
+    assert float(rows[1]["metrics/precision(B)"]) == pytest.approx(run.data.metrics["val/bbox_precision"])
+    assert float(rows[1]["fitness"]) == pytest.approx(run.data.metrics[FITNESS])
+    assert float(rows[1]["time"]) > float(rows[0]["time"]) > 0  # cumulative, as in Ultralytics
+    logged = Path(client.download_artifacts(summary.run_id, RESULTS_CSV, str(tmp_path)))
+    assert logged.read_text() == beside.read_text()
 
     state = load_checkpoint(summary.checkpoint_path)  # weights_only=True inside
     assert state["epoch"] in (1, 2) and state["label_map"]["names"] == ["circle", "rectangle", "triangle"]
+    assert [int(epoch[EPOCH]) for epoch in state["results"]] == list(range(1, state["epoch"] + 1))
     assert {"model", "optimizer", "scheduler", "config", "metrics", "early_stopping"} <= set(state)
 
     bundle = download_bundle(summary.tracking_uri, summary.bundle_uri, tmp_path / "dl")

@@ -34,6 +34,8 @@ COMMANDS = [
     ["runs", "clean"],
     ["models"],
     ["rollback"],
+    ["register"],
+    ["promote"],
 ]
 HEAVY = ("torch", "torchvision", "ray", "mlflow", "prefect", "optuna", "matplotlib")
 
@@ -208,6 +210,47 @@ def test_models_lists_versions_and_rollback_brings_the_previous_champion_back(co
     assert cli_main(["rollback", "m", "--tracking-uri", uri]) == 2  # version 1 replaced no champion
     assert "no earlier one to roll back to" in capsys.readouterr().err
     assert cli_main(["models", "nothing-registered", "--tracking-uri", uri]) == 2
+
+
+def test_register_and_promote_by_hand_run_the_flows_gate(overfit_root, overfit_weights, tmp_path, capsys):
+    """Two training runs' bundles (random and trained weights) registered with `instseg register`, then
+    `instseg promote` scores challenger and champion on the config's val split, as the flow does."""
+    from instseg.tracking.registry import aliases
+    from instseg.tracking.runs import RunLogger, create_run
+
+    cfg = overfit_config(overfit_root, tmp_path)
+    uri = cfg.tracking.uri
+    label_map = CocoInstanceDataset(overfit_root, "val").label_map
+    runs = {}
+    for name, weights in (("random", None), ("trained", overfit_weights)):
+        torch.manual_seed(0)
+        model = build_model(cfg.model, label_map.num_classes)
+        if weights is not None:
+            model.load_state_dict(torch.load(weights, weights_only=True))
+        bundle = write_bundle(tmp_path / name / "bundle", model.state_dict(), cfg.model.model_dump(), label_map.to_dict())
+        runs[name] = create_run(uri, "exp", run_name=name)
+        for file in bundle.iterdir():
+            RunLogger(uri, runs[name]).log_artifact(file, "bundle")
+    config = ["--config", str(DEMO_CONFIG), f"data.root={overfit_root}", f"tracking.uri={uri}"]
+
+    assert cli_main(["register", "m", "--run", runs["random"], "--tracking-uri", uri]) == 0
+    assert capsys.readouterr().out == f"registered run {runs['random']} as m version 1 (challenger)\n"
+    assert cli_main(["promote", "m", *config]) == 0
+    assert "no champion yet: promoted; champion is now v1" in capsys.readouterr().out
+
+    assert cli_main(["register", "m", "--run", runs["trained"], "--tracking-uri", uri]) == 0
+    assert cli_main(["promote", "m", *config]) == 0
+    printed = capsys.readouterr().out
+    assert "challenger v2 fitness" in printed and "vs champion v1 fitness" in printed, printed
+    assert printed.rstrip().endswith("promoted; champion is now v2")
+    assert aliases(uri, "m") == {"challenger": "2", "champion": "2"}
+
+    # an older version put back up as the challenger loses to the trained champion
+    assert cli_main(["promote", "m", "--version", "1", *config]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("kept champion; champion is now v2")
+    assert aliases(uri, "m") == {"challenger": "1", "champion": "2"}
+    assert cli_main(["promote", "m", "--version", "9", *config]) == 2
+    assert "registered model 'm' has no version 9" in capsys.readouterr().err
 
 
 def test_predict_never_draws_over_a_file(coco8, tmp_path, capsys):

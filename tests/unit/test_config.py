@@ -69,6 +69,23 @@ def test_resolve_paths_makes_paths_absolute(tmp_path, monkeypatch):
     assert given.tracking.uri == "http://127.0.0.1:5000"
 
 
+def test_inside_a_ray_job_copy_relative_paths_that_would_miss_or_lose_data_are_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    job_copy = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_123"
+    job_copy.mkdir(parents=True)
+    cfg = load(DEMO_CONFIG, [])  # data/synth, ray_results, sqlite:///mlflow.db: all relative
+    with pytest.raises(ConfigError) as refused:
+        resolve_paths(cfg, job_copy)
+    message = str(refused.value)
+    assert message.startswith("data.root 'data/synth' is relative, and inside a Ray job it resolves against")
+    assert "e.g. data.root=$PWD/data/synth (also: ray.storage_path=$PWD/ray_results" in message
+    assert "tracking.uri=sqlite:///$PWD/mlflow.db" in message
+    # absolute paths from the submitting side pass; outside a job copy relative ones still resolve
+    absolute = [f"data.root={tmp_path}/data", f"ray.storage_path={tmp_path}/rr", f"tracking.uri=sqlite:///{tmp_path}/m.db"]
+    assert resolve_paths(load(DEMO_CONFIG, absolute), job_copy).data.root == f"{tmp_path}/data"
+    assert resolve_paths(cfg, tmp_path).data.root == str(tmp_path / "data" / "synth")
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [

@@ -1,0 +1,75 @@
+"""Register and promote, the same way from the flow and from the command line (`instseg train --register`,
+`instseg register`, `instseg promote`).
+
+Registering makes a training run's bundle a new version of a registered model and points `challenger` at
+it. Promotion is the gate: challenger and champion are scored on the config's validation split, and
+`champion` moves only when the challenger's FITNESS is better (instseg.tracking.registry.promote records
+both scores and the decision on the version).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from instseg.config import Config
+from instseg.errors import InstsegError
+from instseg.redaction import redact
+from instseg.tracking.pyfunc_model import BUNDLE_ARTIFACT
+from instseg.tracking.registry import CHALLENGER, PromotionResult, download_bundle, promote, register_bundle
+
+
+def register_run(tracking_uri: str, run_id: str, model_name: str, tags: Mapping[str, str] | None = None,
+                 bundle_uri: str | None = None) -> str:
+    """Register the bundle training run `run_id` logged (default runs:/RUN_ID/bundle) as the next version of
+    `model_name`, now its challenger; returns the version."""
+    with tempfile.TemporaryDirectory(prefix="instseg-register-") as tmp:
+        bundle = download_bundle(tracking_uri, bundle_uri or f"runs:/{run_id}/{BUNDLE_ARTIFACT}", Path(tmp))
+        return register_bundle(tracking_uri, run_id, bundle, model_name, tags=dict(tags or {}))
+
+
+def promote_on_split(cfg: Config, model_name: str, version: str | None = None) -> PromotionResult:
+    """The promotion gate on cfg.data.val_split (cfg with resolved paths): `version`, if given, becomes the
+    challenger first; the challenger then replaces the champion if its fitness is better."""
+    from instseg.evaluation import evaluate_on_split
+    from instseg.models.bundle import load_bundle
+
+    if version is not None:
+        _make_challenger(cfg.tracking.uri, model_name, version)
+
+    def score(bundle_dir: Path) -> dict[str, float]:
+        model, label_map, _ = load_bundle(bundle_dir)
+        return evaluate_on_split(
+            model, label_map, cfg.data, cfg.data.val_split, cfg.metrics.fitness_weights, backend=cfg.metrics.backend
+        )
+
+    return promote(cfg.tracking.uri, model_name, score)
+
+
+def _make_challenger(tracking_uri: str, model_name: str, version: str) -> None:
+    client = MlflowClient(tracking_uri)
+    try:
+        client.get_model_version(model_name, str(version))
+    except MlflowException as exc:
+        raise InstsegError(
+            f"registered model '{model_name}' has no version {version} in {redact(tracking_uri)} "
+            f"(`instseg models {model_name}` lists them): {redact(exc.message.splitlines()[0])}"
+        ) from None
+    client.set_registered_model_alias(model_name, CHALLENGER, str(version))
+
+
+def describe(result: PromotionResult) -> str:
+    """One line: the two fitness values and the decision."""
+    champion = (
+        f"champion v{result.champion_version} fitness {result.champion_fitness:.5f}" if result.champion_version
+        else "no champion yet"
+    )
+    decision = "promoted" if result.promoted else "kept champion"
+    return (
+        f"{result.model_name}: challenger v{result.challenger_version} fitness {result.challenger_fitness:.5f} vs "
+        f"{champion}: {decision}; champion is now v{result.champion_after}"
+    )
