@@ -123,7 +123,8 @@ def _metrics(args: argparse.Namespace) -> int:
         read_json_file(Path(args.results)), args.results, coco_gt.imgs, set(coco_gt.getCatIds()), args.iou_type
     )
     report, curves, matrix = evaluate_results(
-        coco_gt, results, args.iou_type, MetricsConfig().fitness_weights, args.conf, args.iou, args.backend
+        coco_gt, results, args.iou_type, MetricsConfig().fitness_weights, args.conf, args.iou, args.backend,
+        args.ultralytics,
     )
     names = [coco_gt.cats[c]["name"] for c in sorted(coco_gt.getCatIds())]
     print_report(report, write_report(Path(args.out), report, curves, matrix, names), args.out)
@@ -135,7 +136,7 @@ def _val(args: argparse.Namespace) -> int:
 
     report, files = score_model(
         args.model, Path(args.data), args.split, Path(args.out), args.iou_type, args.device, args.batch,
-        args.conf, args.iou, args.backend, args.tracking_uri,
+        args.conf, args.iou, args.backend, args.tracking_uri, args.ultralytics,
     )
     print_report(report, files, args.out)
     return 0
@@ -227,6 +228,8 @@ def _evaluation_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--conf", type=float, default=0.25, help="confusion matrix confidence threshold (default 0.25)")
     parser.add_argument("--iou", type=float, default=0.45, help="confusion matrix IoU threshold (default 0.45)")
     parser.add_argument("--backend", choices=("faster", "pycocotools"), default="faster", help=BACKEND_HELP)
+    parser.add_argument("--ultralytics", action="store_true",
+                        help="P / R / F1 and confusion matrix exactly as Ultralytics 8.x computes them")
 
 
 def _inference_arguments(parser: argparse.ArgumentParser) -> None:

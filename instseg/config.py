@@ -97,6 +97,7 @@ class TrainConfig(_Section):
     min_delta: float = Field(0.0, ge=0.0)
     log_every: int = Field(10, ge=1)
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
+    plot_every: int = Field(5, ge=0)  # also log the validation grid every N epochs (0: after the last only)
     # linear scaling rule (Goyal et al. 2017): lr is right for lr_reference_batch images per step and is
     # multiplied by global_batch / lr_reference_batch; null = data.batch_size (lr scales with the workers)
     lr_reference_batch: int | None = Field(None, ge=1)
@@ -131,6 +132,7 @@ class MetricsConfig(_Section):
     )
     # faster-coco-eval gives pycocotools' stats several times faster (bench/eval.py); pycocotools is the original
     backend: Literal["faster", "pycocotools"] = "faster"
+    ultralytics_compat: bool = False  # P / R / F1 and confusion matrix exactly as Ultralytics 8.x computes them
 
 
 class RayConfig(_Section):

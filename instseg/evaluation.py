@@ -72,10 +72,11 @@ def score_model(
     iou: float = 0.45,
     backend: Backend = DEFAULT_BACKEND,
     tracking_uri: str | None = None,
+    ultralytics: bool = False,
 ) -> tuple[dict[str, Any], list[Path]]:
     """`instseg val`: `model` (models:/, runs:/, a bundle or a checkpoint) predicts `root`'s `split`, scored as
     `instseg metrics` scores a results file; predictions.json, metrics.json and the plots go to `out`.
-    `conf` and `iou` are the confusion matrix's thresholds."""
+    `conf` and `iou` are the confusion matrix's thresholds; `ultralytics` scores P / R / F1 as Ultralytics does."""
     from instseg.config import MetricsConfig
     from instseg.metrics.report import evaluate_results, write_report
     from instseg.predict import load_model, predict_paths, resolve_device
@@ -94,6 +95,6 @@ def score_model(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "predictions.json", results)
     weights = MetricsConfig().fitness_weights
-    report, curves, matrix = evaluate_results(dataset.coco, results, iou_type, weights, conf, iou, backend)
+    report, curves, matrix = evaluate_results(dataset.coco, results, iou_type, weights, conf, iou, backend, ultralytics)
     names = [dataset.coco.cats[c]["name"] for c in sorted(dataset.coco.getCatIds())]
     return report, [out / "predictions.json", *write_report(out, report, curves, matrix, names)]

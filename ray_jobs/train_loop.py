@@ -32,7 +32,7 @@ from instseg.engine.progress import BarProgress, LineProgress, Progress
 from instseg.metrics.coco_eval import CocoEvaluator
 from instseg.metrics.fitness import fitness
 from instseg.metrics.names import EARLY_STOPPED, EPOCH, EPOCH_TIME, FITNESS, LEARNING_RATE, TRAIN_LOSS_KEYS, val_key
-from instseg.metrics.report import curve_metrics, write_training_plots
+from instseg.metrics.report import curve_metrics, write_overlay_grid, write_training_plots
 from instseg.metrics.results import RESULTS_CSV, EpochTable, results_csv
 from instseg.models import build_model
 from instseg.redaction import redact_tree
@@ -146,7 +146,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             logger.log_text(results_csv(results), RESULTS_CSV)
             if last:
                 # before the last report: under Tune that report ends the trial and its workers
-                _log_plots(logger, results, curves, label_map, val_set, evaluator)
+                _log_plots(logger, results, curves, label_map, val_set, evaluator, metrics)
+            elif cfg.train.plot_every and (epoch + 1) % cfg.train.plot_every == 0:
+                _log_overlay_grid(logger, label_map, val_set, evaluator, epoch + 1)
             if stop:
                 print(f"early stopping: {stopper.reason}", flush=True)
                 logger.set_tags({"instseg.early_stopped": "true", "instseg.stop_reason": stopper.reason, "instseg.stopped_epoch": epoch + 1})
@@ -183,7 +185,7 @@ def validate(core: torch.nn.Module, val_set: Any, val_loader: Any, cfg: Config, 
     coco_metrics = evaluate_sharded(core, val_set, cfg.data, device, evaluator)
     val_metrics, curves = None, None
     if coco_metrics is not None:
-        curve_values, curves = _curve_metrics(val_set, evaluator)
+        curve_values, curves = _curve_metrics(val_set, evaluator, cfg.metrics.ultralytics_compat)
         val_metrics = {**coco_metrics, **curve_values, **validation_loss(core, val_loader, device)}
     return from_rank_zero(val_metrics), curves
 
@@ -222,27 +224,43 @@ def _record_resume(logger: RunLogger, state: dict[str, Any]) -> None:
     print(f"resumed from the checkpoint of epoch {epoch}", flush=True)
 
 
-def _curve_metrics(val_set: Any, evaluator: CocoEvaluator) -> tuple[dict[str, float], tuple[Any, Any]]:
+def _curve_metrics(val_set: Any, evaluator: CocoEvaluator, ultralytics: bool) -> tuple[dict[str, float], Any]:
     """P / R / F1 of boxes and masks, and the masks' Dice (Ultralytics definitions), from the predictions just
     evaluated; the masks' curves and confusion matrix for the plots."""
-    box_values, _, _ = curve_metrics(val_set.coco, evaluator.results, "bbox")
-    values, curves, matrix = curve_metrics(val_set.coco, evaluator.results, "segm")
+    box_values, _, _ = curve_metrics(val_set.coco, evaluator.results, "bbox", ultralytics)
+    values, curves, matrix = curve_metrics(val_set.coco, evaluator.results, "segm", ultralytics)
     box_values.pop(val_key("bbox", "dice"))  # a Dice of two boxes says nothing about the masks
     return {**box_values, **values}, (curves, matrix)
 
 
-def _log_plots(logger: RunLogger, results: list[dict[str, float]], curves_and_matrix: tuple[Any, Any],
-               label_map: Any, val_set: Any, evaluator: CocoEvaluator) -> None:
-    """Rank 0, at the last epoch: confusion matrix, curves, loss curves and validation overlays to MLflow."""
-    curves, matrix = curves_and_matrix
+def _overlay_samples(val_set: Any, evaluator: CocoEvaluator) -> list[tuple[Any, dict[str, Any], list[dict[str, Any]]]]:
+    """The first PLOTTED_IMAGES validation images with their targets and the predictions just evaluated."""
     samples = []
     for index in range(min(PLOTTED_IMAGES, len(val_set))):
         image, target = val_set[index]
-        samples.append((image, [r for r in evaluator.results if r["image_id"] == target["image_id"]]))
+        samples.append((image, target, [r for r in evaluator.results if r["image_id"] == target["image_id"]]))
+    return samples
+
+
+def _log_plots(logger: RunLogger, results: list[dict[str, float]], curves_and_matrix: tuple[Any, Any],
+               label_map: Any, val_set: Any, evaluator: CocoEvaluator, metrics: dict[str, float]) -> None:
+    """Rank 0, at the last epoch: confusion matrix, curves, loss curves and validation overlays to MLflow."""
+    curves, matrix = curves_and_matrix
     losses = {key: [(int(epoch[EPOCH]), epoch[key]) for epoch in results if key in epoch] for key in PLOTTED_LOSSES}
+    samples = _overlay_samples(val_set, evaluator)
     with tempfile.TemporaryDirectory(prefix="instseg-plots-") as folder:
-        for path in write_training_plots(Path(folder), curves, matrix, label_map, losses, samples, score=OVERLAY_SCORE):
+        plots = write_training_plots(Path(folder), curves, matrix, label_map, losses, samples, score=OVERLAY_SCORE,
+                                     coco_map50=metrics.get(val_key("segm", "map50")))
+        for path in plots:
             logger.log_artifact(path, "plots")
+
+
+def _log_overlay_grid(logger: RunLogger, label_map: Any, val_set: Any, evaluator: CocoEvaluator, epoch: int) -> None:
+    """Rank 0, every train.plot_every epochs: the validation grid as plots/val_predictions_epoch<N>.png."""
+    with tempfile.TemporaryDirectory(prefix="instseg-plots-") as folder:
+        path = Path(folder) / f"val_predictions_epoch{epoch}.png"
+        write_overlay_grid(path, _overlay_samples(val_set, evaluator), label_map, OVERLAY_SCORE)
+        logger.log_artifact(path, "plots")
 
 
 def quiet_ray_train_reports() -> None:

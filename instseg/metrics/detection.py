@@ -7,9 +7,12 @@ match_predictions), re-implemented here:
   * AP by 101-point interpolation of the precision envelope; curves sampled at 1000 confidences;
   * the confusion matrix is (nc + 1) x (nc + 1), rows = predicted class, columns = true class, the last
     row / column is background; detections below `conf` are ignored, matches need IoU > `iou`.
-Where we differ: IoU is box or mask IoU (pycocotools); crowd ground truth is left out; after dropping
-duplicate detections each ground truth keeps its highest-IoU detection (Ultralytics keeps the one with
-the lowest index); the F1 curve is not smoothed before its maximum is taken (Ultralytics smooths it).
+Where we differ by default: IoU is box or mask IoU (pycocotools, full resolution); after dropping duplicate
+detections each ground truth keeps its highest-IoU detection (Ultralytics keeps the one with the lowest
+index); the F1 curve is not smoothed before its maximum is taken (Ultralytics smooths it); a mask confusion
+matrix matches masks (Ultralytics' segmentation validator matches boxes). `ultralytics=True` (config
+metrics.ultralytics_compat, `instseg metrics --ultralytics`) does all three their way. Crowd ground truth is
+left out in both (Ultralytics' COCO converter drops it).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 CURVE_POINTS = 1000
+F1_SMOOTHING = 0.1  # Ultralytics: the mean F1 curve is box-filtered over 2 x 0.1 of its points before its argmax
 
 
 def greedy_matches(iou: np.ndarray, threshold: float, strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -38,18 +42,36 @@ def greedy_matches(iou: np.ndarray, threshold: float, strict: bool = False) -> t
     return gt_idx[first_gt], pred_idx[first_gt]
 
 
+def first_index_matches(iou: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Ultralytics' match_predictions pairs: by decreasing IoU, each prediction keeps its best ground truth;
+    then each ground truth keeps, of the predictions left, the one with the lowest index (not the highest IoU:
+    the first np.unique re-sorts the pairs by prediction index)."""
+    gt_idx, pred_idx = np.nonzero(iou >= threshold)
+    if len(gt_idx) == 0:
+        return gt_idx, pred_idx
+    order = np.argsort(-iou[gt_idx, pred_idx], kind="stable")
+    gt_idx, pred_idx = gt_idx[order], pred_idx[order]
+    _, first_pred = np.unique(pred_idx, return_index=True)  # sorted by prediction index from here on
+    gt_idx, pred_idx = gt_idx[first_pred], pred_idx[first_pred]
+    _, first_gt = np.unique(gt_idx, return_index=True)
+    return gt_idx[first_gt], pred_idx[first_gt]
+
+
 def same_class_iou(iou: np.ndarray, pred_classes: np.ndarray, true_classes: np.ndarray) -> np.ndarray:
     return iou * (true_classes[:, None] == pred_classes[None, :]) if iou.size else iou
 
 
-def match_predictions(pred_classes: np.ndarray, true_classes: np.ndarray, iou: np.ndarray, thresholds: np.ndarray = IOU_THRESHOLDS) -> np.ndarray:
-    """bool [n_pred, n_thresholds]: prediction i is a true positive (same class) at threshold t."""
+def match_predictions(pred_classes: np.ndarray, true_classes: np.ndarray, iou: np.ndarray,
+                      thresholds: np.ndarray = IOU_THRESHOLDS, ultralytics: bool = False) -> np.ndarray:
+    """bool [n_pred, n_thresholds]: prediction i is a true positive (same class) at threshold t; `ultralytics`
+    pairs them as Ultralytics does (first_index_matches)."""
+    pairs = first_index_matches if ultralytics else greedy_matches
     correct = np.zeros((len(pred_classes), len(thresholds)), dtype=bool)
     if len(pred_classes) == 0 or len(true_classes) == 0:
         return correct
     iou = same_class_iou(iou, pred_classes, true_classes)
     for t, threshold in enumerate(thresholds):
-        _, pred_idx = greedy_matches(iou, threshold)
+        _, pred_idx = pairs(iou, threshold)
         correct[pred_idx, t] = True
     return correct
 
@@ -90,9 +112,20 @@ class ClassCurves:
         }
 
 
-def ap_per_class(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray, eps: float = 1e-16) -> ClassCurves:
+def smooth(values: np.ndarray, fraction: float = F1_SMOOTHING) -> np.ndarray:
+    """Ultralytics' box filter: the mean over an odd window of round(2 * fraction * len) // 2 * 2 + 1 points
+    (101 of 1000), the ends padded with the first and last value; same length as `values`."""
+    window = round(len(values) * fraction * 2) // 2 + 1
+    pad = np.ones(window // 2)
+    padded = np.concatenate((pad * values[0], values, pad * values[-1]))
+    return np.convolve(padded, np.ones(window) / window, mode="valid")
+
+
+def ap_per_class(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray, eps: float = 1e-16,
+                 smooth_f1: bool = False) -> ClassCurves:
     """tp [n_pred, 10] from match_predictions, with each prediction's confidence and class; target_cls
-    holds the class of every ground truth instance."""
+    holds the class of every ground truth instance. `smooth_f1` picks the best confidence on the smoothed
+    mean F1 curve, as Ultralytics does (the curves themselves are not smoothed)."""
     order = np.argsort(-conf, kind="stable")
     tp, conf, pred_cls = tp[order], conf[order], pred_cls[order]
     classes, n_labels = np.unique(target_cls, return_counts=True)
@@ -116,7 +149,8 @@ def ap_per_class(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_
             if j == 0:
                 pr_curve[ci] = np.interp(x, mrec, mpre)
     f1_curve = 2 * p_curve * r_curve / (p_curve + r_curve + eps)
-    best = int(f1_curve.mean(0).argmax()) if nc else 0
+    mean_f1 = f1_curve.mean(0) if nc else np.zeros(CURVE_POINTS)
+    best = int((smooth(mean_f1) if smooth_f1 else mean_f1).argmax()) if nc else 0
     return ClassCurves(classes, ap, p_curve, r_curve, f1_curve, pr_curve, x, best)
 
 

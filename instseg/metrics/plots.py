@@ -9,6 +9,10 @@ import numpy as np
 from instseg.data.files import atomic_path
 from instseg.metrics.detection import ClassCurves, ConfusionMatrix
 
+LABELLED_CLASSES = 100  # the confusion matrix names its classes up to this many (background aside)
+ANNOTATED_CLASSES = 30  # ... and writes the value in each cell up to this many
+COLOURED_CLASSES = 20  # curves: a colour and a legend entry per class up to this many, thin grey lines beyond
+
 
 def _pyplot():
     import matplotlib
@@ -28,48 +32,72 @@ def _save_figure(fig, path: Path) -> Path:
 
 
 def plot_confusion_matrix(matrix: ConfusionMatrix, names: list[str], out: Path) -> list[Path]:
+    """Counts and normalised by true class; the canvas grows with the class count so that every class keeps
+    its name (up to LABELLED_CLASSES) and, for few classes, each cell its value."""
     plt = _pyplot()
     labels = [*names, "background"]
+    count = len(labels)
+    size = min(max(6.0, 0.22 * count + 2.5), 30.0)  # inches: ~0.22 per class, 120 dpi
+    font = 8 if count <= ANNOTATED_CLASSES else (7 if count <= 60 else 6)
+    ticks = list(range(count)) if count <= LABELLED_CLASSES + 1 else []
     paths = []
     for normalize, name in ((False, "confusion_matrix.png"), (True, "confusion_matrix_normalized.png")):
         values = matrix.normalized() if normalize else matrix.matrix
-        size = max(6, 0.35 * len(labels))
         fig, ax = plt.subplots(figsize=(size, size * 0.85))
-        image = ax.imshow(values, cmap="Blues")
-        ticks = range(len(labels)) if len(labels) <= 40 else []
-        ax.set_xticks(list(ticks), [labels[i] for i in ticks], rotation=90, fontsize=7)
-        ax.set_yticks(list(ticks), [labels[i] for i in ticks], fontsize=7)
+        image = ax.imshow(values, cmap="Blues", vmin=0)
+        ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=font)
+        ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=font)
+        if count <= ANNOTATED_CLASSES:
+            threshold = values.max() / 2 if values.size else 0
+            for (row, column), value in np.ndenumerate(values):
+                if value:
+                    ax.text(column, row, f"{value:.2f}" if normalize else f"{int(value)}", ha="center", va="center",
+                            fontsize=font, color="white" if value > threshold else "black")
         ax.set_xlabel("true")
         ax.set_ylabel("predicted")
         ax.set_title(f"confusion matrix{' (normalised by true class)' if normalize else ''}")
-        fig.colorbar(image, ax=ax)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
         fig.tight_layout()
         paths.append(_save_figure(fig, out / name))
     return paths
 
 
-def plot_curves(curves: ClassCurves, names: list[str], out: Path) -> list[Path]:
-    """PR (IoU 0.5) and P / R / F1 against confidence: each class thin, the mean bold."""
+def plot_curves(curves: ClassCurves, names: list[str], out: Path, coco_map50: float | None = None) -> list[Path]:
+    """PR (IoU 0.5) and P / R / F1 against confidence: one line per class (coloured and named up to
+    COLOURED_CLASSES, thin grey beyond), the mean over classes bold. The PR legend gives the mean AP50 it plots
+    (101-point interpolated, Ultralytics' number) and, when known, COCO's mAP50 (pycocotools), which differs."""
     plt = _pyplot()
     x = curves.confidence
+    has_classes = len(curves.classes) > 0
+    many = len(curves.classes) > COLOURED_CLASSES
+    ap50 = curves.ap[:, 0] if has_classes else np.zeros(0)
+    pr_note = f"mAP50 {ap50.mean() if has_classes else 0:.3f} (101-point, Ultralytics)"
+    if coco_map50 is not None:
+        pr_note += f"\nCOCO mAP50 {coco_map50:.3f} (pycocotools)"
+    f1_note = f"best {curves.f1_curve.mean(0).max() if has_classes else 0:.3f} at {curves.best_confidence:.3f}"
     specs = (
-        ("PR_curve.png", curves.pr_curve, "recall", "precision", f"mAP50 {curves.ap[:, 0].mean() if len(curves.classes) else 0:.3f}"),
-        ("P_curve.png", curves.p_curve, "confidence", "precision", ""),
-        ("R_curve.png", curves.r_curve, "confidence", "recall", ""),
-        ("F1_curve.png", curves.f1_curve, "confidence", "F1", f"best {curves.f1_curve.mean(0).max() if len(curves.classes) else 0:.3f} at {curves.best_confidence:.3f}"),
+        ("PR_curve.png", curves.pr_curve, "recall", "precision", pr_note, True),
+        ("P_curve.png", curves.p_curve, "confidence", "precision", "", False),
+        ("R_curve.png", curves.r_curve, "confidence", "recall", "", False),
+        ("F1_curve.png", curves.f1_curve, "confidence", "F1", f1_note, False),
     )
     paths = []
-    for file_name, values, xlabel, ylabel, note in specs:
-        fig, ax = plt.subplots(figsize=(7, 5))
-        for row, cls in zip(values, curves.classes):
-            ax.plot(x, row, linewidth=0.8, label=names[int(cls)] if len(curves.classes) <= 15 else None)
-        if len(curves.classes):
-            ax.plot(x, values.mean(0), linewidth=2.5, color="blue", label=f"all classes {note}".strip())
+    for file_name, values, xlabel, ylabel, note, per_class_ap in specs:
+        fig, ax = plt.subplots(figsize=(9, 5.5))
+        for row, cls, ap in zip(values, curves.classes, ap50):
+            if many:
+                ax.plot(x, row, linewidth=0.5, color="grey", alpha=0.5)
+            else:
+                ax.plot(x, row, linewidth=1, label=f"{names[int(cls)]} {ap:.3f}" if per_class_ap else names[int(cls)])
+        if has_classes:
+            classes = f"all {len(curves.classes)} classes" + (" (each in grey)" if many else "")
+            ax.plot(x, values.mean(0), linewidth=3, color="blue", label=f"{classes} {note}".strip())
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.01)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7, loc="best")
+        if has_classes:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         fig.tight_layout()
         paths.append(_save_figure(fig, out / file_name))
     return paths
@@ -150,20 +178,47 @@ def draw_detections(image, detections: dict, names: list[str], scale: int = 1):
     return draw_bounding_boxes(image, boxes, labels=labels, colors=colours, width=max(1, scale), **style)
 
 
-def plot_overlays(images: list, predictions: list[dict], names: list[str], out: Path, size: int = 256) -> Path:
-    """A grid of validation images with predicted masks and boxes (uint8 [3, H, W] images; predictions as
-    draw_detections takes them)."""
+def _fit(image, tile: int):
+    """uint8 [3, H, W] scaled (aspect ratio kept) to fit a tile x tile square and centred on a white one."""
     import torch
-    from torchvision.io import write_png
     from torchvision.transforms.v2 import functional as F
-    from torchvision.utils import make_grid
 
-    tiles = [F.resize(draw_detections(image, pred, names), [size, size], antialias=True)
-             for image, pred in zip(images, predictions)]
-    grid = make_grid(torch.stack(tiles), nrow=4, padding=4) if tiles else torch.zeros((3, size, size), dtype=torch.uint8)
-    with atomic_path(out / "val_predictions.png") as tmp:
-        write_png(grid, str(tmp))
-    return out / "val_predictions.png"
+    height, width = image.shape[-2:]
+    scale = tile / max(height, width)
+    size = [max(1, round(height * scale)), max(1, round(width * scale))]
+    resized = F.resize(image, size, antialias=True)
+    canvas = torch.full((3, tile, tile), 255, dtype=torch.uint8)
+    top, left = (tile - size[0]) // 2, (tile - size[1]) // 2
+    canvas[:, top : top + size[0], left : left + size[1]] = resized
+    return canvas
+
+
+def plot_overlays(samples: list[tuple], names: list[str], path: Path, tile: int = 320, pairs_per_row: int = 2) -> Path:
+    """A grid of validation images, each as two tiles side by side: ground truth, then the predictions (samples:
+    (uint8 image [3, H, W], truth, prediction), both as draw_detections takes them). Tiles keep each image's
+    aspect ratio; small images are drawn enlarged so that their labels stay legible."""
+    from matplotlib import font_manager
+    from PIL import Image, ImageDraw, ImageFont
+
+    gap, header = 6, 24
+    columns = 2 * min(pairs_per_row, max(1, len(samples)))
+    rows = max(1, -(-len(samples) // pairs_per_row))
+    canvas = Image.new("RGB", (columns * (tile + gap) - gap, header + rows * (tile + gap) - gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.truetype(font_manager.findfont("DejaVu Sans"), 15)
+    for column in range(columns):
+        draw.text((column * (tile + gap) + 4, 3), "ground truth" if column % 2 == 0 else "prediction", fill="black",
+                  font=font)
+    for index, (image, truth, prediction) in enumerate(samples):
+        scale = max(1, tile // max(image.shape[-2:]))
+        for side, detections in enumerate((truth, prediction)):
+            drawn = _fit(draw_detections(image, detections, names, scale), tile)
+            x = (2 * (index % pairs_per_row) + side) * (tile + gap)
+            y = header + (index // pairs_per_row) * (tile + gap)
+            canvas.paste(Image.fromarray(drawn.permute(1, 2, 0).numpy()), (x, y))
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return path
 
 
 def plot_example(

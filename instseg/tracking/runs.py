@@ -7,6 +7,7 @@ their ids are handed down explicitly; workers only log into a run id they were g
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -234,6 +235,8 @@ def start_system_metrics(tracking_uri: str, run_id: str, interval_s: float, node
     the step numbers a restarted run already has."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    # its INFO lines (started, stopping, no GPU found) would interleave with the epoch table
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=resume, node_id=node_id,
                                    tracking_uri=tracking_uri)
     monitor.start()

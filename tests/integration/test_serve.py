@@ -40,7 +40,9 @@ def free_port() -> int:
 
 
 def post(url: str, payload: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as answer:
             return answer.status, json.loads(answer.read())
@@ -61,11 +63,30 @@ def served_champion(overfit_root, overfit_weights, tmp_path):
     MlflowClient(uri).set_registered_model_alias("served", CHAMPION, version)
 
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     server = subprocess.Popen(
-        [MLFLOW_CLI, "models", "serve", "-m", f"models:/served@{CHAMPION}", "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [
+            MLFLOW_CLI,
+            "models",
+            "serve",
+            "-m",
+            f"models:/served@{CHAMPION}",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -93,8 +114,9 @@ def test_the_served_champion_answers_a_base64_image_with_rle_masks(served_champi
     info = dataset.coco.imgs[image_id]
     encoded = base64.b64encode((root / "images" / "val" / info["file_name"]).read_bytes()).decode("ascii")
 
-    status, answer = post(f"{url}/invocations", {"dataframe_records": [{"image": encoded, "image_id": image_id}],
-                                                 "params": {"conf": 0.5}})
+    status, answer = post(
+        f"{url}/invocations", {"dataframe_records": [{"image": encoded, "image_id": image_id}], "params": {"conf": 0.5}}
+    )
     assert status == 200, answer
     detections = answer["predictions"]
     assert detections and {d["image_id"] for d in detections} == {image_id}

@@ -32,7 +32,7 @@ def test_train_reports_tracks_checkpoints_and_stops_early(local_ray, tiny_config
     # 4 epochs allowed; an improvement of 1.0 in fitness is impossible, so patience 1 stops after epoch 2
     # with the soft-Dice term on the mask head
     cfg = tiny_config("train.epochs=4", "train.patience=1", "train.min_delta=1.0", "model.mask_dice_weight=0.5",
-                      "run_name=it-train", "tracking.system_metrics_s=1")
+                      "run_name=it-train", "tracking.system_metrics_s=1", "train.plot_every=1")
     summary = run_training(cfg)
 
     client = MlflowClient(summary.tracking_uri)
@@ -52,7 +52,7 @@ def test_train_reports_tracks_checkpoints_and_stops_early(local_ray, tiny_config
     assert {"config.yaml", "label_map.json", "bundle", "plots"} <= artifacts
     plots = {Path(a.path).name for a in client.list_artifacts(summary.run_id, "plots")}
     assert plots == {"confusion_matrix.png", "confusion_matrix_normalized.png", "PR_curve.png", "P_curve.png", "R_curve.png",
-                     "F1_curve.png", "loss_curves.png", "val_predictions.png"}
+                     "F1_curve.png", "loss_curves.png", "val_predictions.png", "val_predictions_epoch1.png"}
     curve_keys = ("segm_precision", "segm_recall", "segm_f1", "segm_dice", "bbox_precision", "bbox_recall")
     for key in (f"val/{name}" for name in curve_keys):
         assert [m.step for m in client.get_metric_history(summary.run_id, key)] == [1, 2], key

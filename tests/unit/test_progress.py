@@ -32,9 +32,15 @@ def test_the_loop_reports_every_step_and_the_loss_every_log_every_steps():
     model = tiny_model()
     progress = RecordingProgress()
     batches = bench.synthetic_batches(3, 2, 128)
-    train_one_epoch(model, bench.reference_optimizer(model), batches, torch.device("cpu"), log_every=2, progress=progress)
+    train_one_epoch(
+        model, bench.reference_optimizer(model), batches, torch.device("cpu"), log_every=2, progress=progress
+    )
     assert progress.events == [
-        ("start", 3), ("step", 1, 2, False), ("step", 2, 4, True), ("step", 3, 6, False), ("close",)
+        ("start", 3),
+        ("step", 1, 2, False),
+        ("step", 2, 4, True),
+        ("step", 3, 6, False),
+        ("close",),
     ]
 
 
@@ -74,8 +80,15 @@ def test_the_bar_counts_steps_and_shows_the_loss_in_its_description():
 
 
 def epoch_metrics(epoch: int, seconds: float, segm_map: float) -> dict[str, float]:
-    return {EPOCH: epoch, EPOCH_TIME: seconds, TRAIN_LOSS: 2.0 / epoch, "val/loss": 1.5, val_key("segm", "map"): segm_map,
-            val_key("bbox", "precision"): 0.5, FITNESS: segm_map * 0.9}
+    return {
+        EPOCH: epoch,
+        EPOCH_TIME: seconds,
+        TRAIN_LOSS: 2.0 / epoch,
+        "val/loss": 1.5,
+        val_key("segm", "map"): segm_map,
+        val_key("bbox", "precision"): 0.5,
+        FITNESS: segm_map * 0.9,
+    }
 
 
 def test_epoch_table_prints_a_header_once_then_aligned_rows():
