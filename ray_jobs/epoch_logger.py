@@ -12,7 +12,8 @@ MAX_PENDING_EPOCHS unsent epochs end the run with an error that says so (the con
 Ray, so an exception here would otherwise end the run whatever ray.max_failures says: nothing else raises).
 
 Each accepted checkpoint's results.csv (every epoch so far) is also copied beside the run's checkpoints, through
-the storage's own filesystem (a local folder or an object store alike).
+the storage's own filesystem (a local folder or an object store alike), and sent to the MLflow run with the
+metrics (held back with them during an outage: only the newest is sent).
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ class EpochMetricsLogger(UserCallback):
         # (epoch, metrics, when measured in ms) not yet in MLflow, oldest first; the fixed timestamp makes a
         # resend of a batch that did arrive (a timeout after the server took it) a no-op
         self.pending: list[tuple[int, dict[str, Any], int]] = []
+        self.results_text: str | None = None  # the newest results.csv not yet in MLflow
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Checkpoint | None) -> None:
         values = metrics[0]  # rank 0: every rank reports the same, already reduced, values
         if checkpoint is not None:
-            copy_results_beside(checkpoint)
+            self.results_text = copy_results_beside(checkpoint) or self.results_text
         epoch = int(values[EPOCH])
         self.pending.append((epoch, values, int(time.time() * 1000)))
         last = epoch >= self.epochs or bool(values.get(EARLY_STOPPED))
@@ -82,6 +84,13 @@ class EpochMetricsLogger(UserCallback):
             except Exception:  # noqa: BLE001 (whatever the client raises for an unreachable server)
                 return False
             self.pending.pop(0)
+        if self.results_text is not None:
+            try:
+                with quick_requests():
+                    logger.log_text(self.results_text, RESULTS_CSV)
+            except Exception:  # noqa: BLE001 (as above)
+                return False
+            self.results_text = None
         return True
 
     def _unreachable(self, how_long: str) -> str:
@@ -92,12 +101,18 @@ class EpochMetricsLogger(UserCallback):
         )
 
 
-def copy_results_beside(checkpoint: Checkpoint) -> None:
-    """The checkpoint's results.csv to the run's folder (the checkpoints' parent), replaced in one move."""
+def copy_results_beside(checkpoint: Checkpoint) -> str | None:
+    """The checkpoint's results.csv to the run's folder (the checkpoints' parent), replaced in one move; returns
+    its text (None for a checkpoint without one)."""
+    storage = checkpoint.filesystem
     parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
     source = f"{checkpoint.path}/{RESULTS_CSV}"
-    if checkpoint.filesystem.get_file_info(source).type != fs.FileType.File:
-        return  # a checkpoint written before results.csv existed
+    if storage.get_file_info(source).type != fs.FileType.File:
+        return None
+    with storage.open_input_stream(source) as stream:
+        text = stream.read().decode("utf-8")
     staging = f"{parent}/.{RESULTS_CSV}.{time.time_ns()}"
-    checkpoint.filesystem.copy_file(source, staging)
-    checkpoint.filesystem.move(staging, f"{parent}/{RESULTS_CSV}")
+    with storage.open_output_stream(staging) as stream:
+        stream.write(text.encode("utf-8"))
+    storage.move(staging, f"{parent}/{RESULTS_CSV}")
+    return text

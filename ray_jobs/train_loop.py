@@ -29,6 +29,7 @@ from instseg.engine.loops import train_one_epoch, validation_loss
 from instseg.engine.optim import build_optimizer, build_scheduler
 from instseg.engine.precision import apply_backend_flags, resolve_precision
 from instseg.engine.progress import BarProgress, LineProgress, Progress
+from instseg.errors import first_line
 from instseg.metrics.coco_eval import CocoEvaluator
 from instseg.metrics.fitness import fitness
 from instseg.metrics.names import EARLY_STOPPED, EPOCH, EPOCH_TIME, FITNESS, LEARNING_RATE, TRAIN_LOSS_KEYS, val_key
@@ -36,7 +37,7 @@ from instseg.metrics.report import curve_metrics, write_overlay_grid, write_trai
 from instseg.metrics.results import RESULTS_CSV, EpochTable, results_csv
 from instseg.models import build_model
 from instseg.redaction import redact_tree
-from instseg.tracking.runs import RunLogger, start_system_metrics
+from instseg.tracking.runs import RunLogger, quick_requests, start_system_metrics
 
 PLOTTED_IMAGES = 8  # validation images in the predictions grid
 PLOTTED_LOSSES = ("train/loss", "val/loss", *(f"train/{k}" for k in TRAIN_LOSS_KEYS))  # per epoch, in loss_curves.png
@@ -143,7 +144,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         results.append({key: float(value) for key, value in metrics.items()})
         if logger is not None:
             print("\n".join(table.lines(metrics)), flush=True)
-            logger.log_text(results_csv(results), RESULTS_CSV)
             if last:
                 # before the last report: under Tune that report ends the trial and its workers
                 _log_plots(logger, results, curves, label_map, val_set, evaluator, metrics)
@@ -256,11 +256,17 @@ def _log_plots(logger: RunLogger, results: list[dict[str, float]], curves_and_ma
 
 
 def _log_overlay_grid(logger: RunLogger, label_map: Any, val_set: Any, evaluator: CocoEvaluator, epoch: int) -> None:
-    """Rank 0, every train.plot_every epochs: the validation grid as plots/val_predictions_epoch<N>.png."""
+    """Rank 0, every train.plot_every epochs: the validation grid as plots/val_predictions_epoch<N>.png. A picture
+    along the way is not worth stopping for: when MLflow does not answer at once, it is left out with a line."""
     with tempfile.TemporaryDirectory(prefix="instseg-plots-") as folder:
         path = Path(folder) / f"val_predictions_epoch{epoch}.png"
         write_overlay_grid(path, _overlay_samples(val_set, evaluator), label_map, OVERLAY_SCORE)
-        logger.log_artifact(path, "plots")
+        try:
+            with quick_requests():
+                logger.log_artifact(path, "plots")
+        except Exception as exc:  # noqa: BLE001 (whatever the client raises for an unreachable server)
+            print(f"MLflow unreachable: the validation grid of epoch {epoch} is not logged ({first_line(exc, 200)})",
+                  flush=True)
 
 
 def quiet_ray_train_reports() -> None:

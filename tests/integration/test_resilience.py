@@ -178,6 +178,9 @@ def test_training_outlives_an_mlflow_outage_and_no_secret_leaves_the_process(
     assert held, f"no epoch was held back through the outage: {measured}, {outage}"
     assert "MLflow unreachable" in output
     assert [a.path for a in client.list_artifacts(run.info.run_id, "bundle")], "the final bundle was logged"
+    # results.csv went with the held metrics: the run's copy has every epoch
+    results = Path(client.download_artifacts(run.info.run_id, "results.csv", str(tmp_path / "results")))
+    assert [line.split(",")[0] for line in results.read_text().splitlines()[1:]] == ["1", "2", "3", "4"]
     print(
         f"outage {outage['restarted'] - outage['stopping']:.1f} s; epochs measured during it: {sorted(held)}; "
         f"driver done {outage['exited'] - outage['restarted']:.1f} s after the restart"
