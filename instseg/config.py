@@ -169,9 +169,11 @@ class TuneConfig(_Section):
     num_samples: int = Field(4, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
     seed: int = 0
-    scheduler: Literal["asha", "none"] = "asha"
+    search: Literal["optuna-tpe", "optuna-cmaes", "random"] = "optuna-tpe"
+    scheduler: Literal["asha", "median", "none"] = "asha"
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
+    min_samples_required: int = Field(3, ge=1)  # median: trials that must have reached an epoch before it judges
     search_space: dict[str, SearchDimension] = Field(default_factory=dict)
 
 

@@ -1,4 +1,4 @@
-"""Hyperparameter search on Ray Tune with Optuna TPE and ASHA early stopping.
+"""Hyperparameter search on Ray Tune: Optuna (TPE or CMA-ES) or random search, ASHA or median-rule early stopping.
 
     instseg tune --config configs/demo.yaml [key=value ...]      # python -m tuning.tune is its alias
 
@@ -22,7 +22,8 @@ import optuna
 import ray.train
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from instseg.cli import parse_command
@@ -51,6 +52,7 @@ from tuning.search_space import build_param_space
 ORCHESTRATION_CPUS = 0.01
 TRIAL_ID_TAG = "instseg.trial_id"
 STOPPED_EARLY_TAG = "instseg.stopped_early"
+TRIAL_REASON_TAG = "instseg.trial_reason"  # TrialSummary.reason, on the trial's run
 
 
 @dataclass
@@ -62,6 +64,7 @@ class TrialSummary:
     fitness: float | None
     best_fitness: float | None
     status: str  # completed | stopped_early | error
+    reason: str = ""  # why it ended where it did: the scheduler that stopped it, early stopping, or the error
 
 
 @dataclass
@@ -123,14 +126,29 @@ def check_search_space(cfg: Config) -> None:
 
 
 def _scheduler(cfg: Config) -> Any:
-    if cfg.tune.scheduler == "none":
-        return FIFOScheduler()
-    return ASHAScheduler(
-        time_attr=EPOCH,
-        max_t=cfg.train.epochs,
-        grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
-        reduction_factor=cfg.tune.reduction_factor,
-    )
+    """tune.scheduler: which trials stop before train.epochs, judged on FITNESS per epoch."""
+    grace = min(cfg.tune.grace_period, cfg.train.epochs)
+    if cfg.tune.scheduler == "median":
+        return MedianStoppingRule(
+            time_attr=EPOCH, grace_period=grace, min_samples_required=cfg.tune.min_samples_required
+        )
+    if cfg.tune.scheduler == "asha":
+        return ASHAScheduler(
+            time_attr=EPOCH, max_t=cfg.train.epochs, grace_period=grace, reduction_factor=cfg.tune.reduction_factor
+        )
+    return FIFOScheduler()
+
+
+def _search(cfg: Config) -> Any:
+    """tune.search: how each trial's values are chosen, seeded by tune.seed."""
+    if cfg.tune.search == "random":
+        return BasicVariantGenerator(random_state=cfg.tune.seed)
+    if cfg.tune.search == "optuna-cmaes":
+        # CMA-ES samples continuous keys jointly; `choice` keys fall back to Optuna's independent sampler
+        sampler = optuna.samplers.CmaEsSampler(seed=cfg.tune.seed, warn_independent_sampling=False)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=cfg.tune.seed)
+    return OptunaSearch(sampler=sampler)
 
 
 def _summarise_trials(grid: Any, cfg: Config, runs_by_trial: dict[str, Any]) -> list[TrialSummary]:
@@ -140,11 +158,14 @@ def _summarise_trials(grid: Any, cfg: Config, runs_by_trial: dict[str, Any]) -> 
         trial_id = str(result.metrics.get("trial_id") or Path(result.path).name)
         epochs = int(result.metrics.get(EPOCH, 0) or 0)
         if result.error is not None:
-            status = "error"
+            status, reason = "error", first_line(result.error, 300)
         elif epochs < cfg.train.epochs and not result.metrics.get(EARLY_STOPPED):
-            status = "stopped_early"  # by the scheduler; patience-based early stopping counts as completed
+            # by the scheduler; patience-based early stopping counts as completed
+            status, reason = "stopped_early", f"stopped by the {cfg.tune.scheduler} scheduler after epoch {epochs}"
+        elif epochs < cfg.train.epochs:
+            status, reason = "completed", f"train.patience: no fitness gain, ended after epoch {epochs}"
         else:
-            status = "completed"
+            status, reason = "completed", f"all {epochs} epochs"
         has_fitness = history is not None and FITNESS in history
         run = runs_by_trial.get(trial_id)
         trials.append(
@@ -156,6 +177,7 @@ def _summarise_trials(grid: Any, cfg: Config, runs_by_trial: dict[str, Any]) -> 
                 fitness=float(result.metrics[FITNESS]) if FITNESS in result.metrics else None,
                 best_fitness=float(history[FITNESS].max()) if has_fitness else None,
                 status=status,
+                reason=reason,
             )
         )
     return trials
@@ -165,12 +187,15 @@ def _close_trial_runs(tracking_uri: str, trials: list[TrialSummary], run_ids: li
     """Every trial run ends with Tune's verdict: ASHA-stopped trials KILLED (their driver saw the stop
     as a failure, or was killed before it could say anything), failed ones FAILED, a run Tune has no
     result for (it died before its first epoch) FAILED, completed ones FINISHED."""
-    status_of = {t.run_id: t.status for t in trials if t.run_id}
+    by_run = {t.run_id: t for t in trials if t.run_id}
     final = {"stopped_early": "KILLED", "error": "FAILED", "completed": "FINISHED"}
     for run_id in run_ids:
-        status = status_of.get(run_id, "error")
+        trial = by_run.get(run_id)
+        status = trial.status if trial else "error"
+        reason = trial.reason if trial else "the trial ended before its first epoch was reported"
         logger = RunLogger(tracking_uri, run_id)
-        logger.set_tags({STOPPED_EARLY_TAG: str(status == "stopped_early").lower(), "instseg.trial_status": status})
+        logger.set_tags({STOPPED_EARLY_TAG: str(status == "stopped_early").lower(), "instseg.trial_status": status,
+                         TRIAL_REASON_TAG: reason})
         if logger.status() != final[status]:
             logger.finish(final[status])
 
@@ -200,7 +225,7 @@ def run_tuning(cfg: Config) -> TuneSummary:
         tune_config=tune.TuneConfig(
             metric=FITNESS,
             mode=FITNESS_MODE,
-            search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed)),
+            search_alg=_search(cfg),
             scheduler=_scheduler(cfg),
             num_samples=cfg.tune.num_samples,
             max_concurrent_trials=cfg.tune.max_concurrent_trials,
@@ -289,11 +314,11 @@ def _finish_study(cfg: Config, grid: Any, tracking_uri: str, parent: RunLogger) 
 
 
 def format_trials(summary: TuneSummary) -> str:
-    lines = [f"{'trial':<14}{'status':<15}{'epochs':>7}{FITNESS:>12}  params"]
+    lines = [f"{'trial':<14}{'status':<15}{'epochs':>7}{FITNESS:>12}  params; why it ended"]
     for t in sorted(summary.trials, key=lambda t: -(t.best_fitness or -1)):
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
         best = f"{t.best_fitness:.5f}" if t.best_fitness is not None else "-"
-        lines.append(f"{t.trial_id:<14}{t.status:<15}{t.epochs:>7}{best:>12}  {params}")
+        lines.append(f"{t.trial_id:<14}{t.status:<15}{t.epochs:>7}{best:>12}  {params}; {t.reason}")
     return "\n".join(lines)
 
 

@@ -44,10 +44,13 @@ def test_flow_tunes_registers_promotes_and_champion_predicts(prefect_server, loc
     monkeypatch.chdir(tmp_path)  # relative paths in the overrides resolve against the flow's cwd
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [*TINY, f"data.root={synth_root}", "tracking.uri=sqlite:///mlflow.db", "ray.storage_path=ray_results",
-                 "train.epochs=1", "tune.num_samples=2", "registry.model_name=flow-test"]
+                 "train.epochs=1", "tune.num_samples=2", "registry.model_name=flow-test",
+                 "tune.search=random", "tune.scheduler=median"]
     result = tune_register_promote(config_path=str(DEMO_CONFIG), overrides=overrides)
 
     assert asyncio.run(_flow_run_states(FLOW_NAME)) == ["COMPLETED"]
+    # random search, median stopping rule: one epoch each, both complete (the rule judges from grace_period on)
+    assert [(t["status"], t["reason"]) for t in result["tune"]["trials"]] == [("completed", "all 1 epochs")] * 2
     assert result["registration"]["version"] == "1"
     assert result["promotion"]["promoted"] and result["promotion"]["champion_version"] is None
     assert aliases(tracking_uri, "flow-test") == {CHALLENGER: "1", CHAMPION: "1"}

@@ -239,6 +239,7 @@ def test_an_interrupted_study_leaves_no_run_running(stop, longer_epochs_root, tm
         "tune.max_concurrent_trials=1",
         "run_name=cut-short",
         "tune.scheduler=none",
+        "tune.search=optuna-cmaes",
     )
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     process = start_in_session("tuning.tune", overrides)

@@ -28,6 +28,9 @@ def test_two_trial_study_has_nested_runs_with_per_epoch_fitness(local_ray, tiny_
         steps = [m.step for m in client.get_metric_history(child.info.run_id, FITNESS)]
         assert steps[:1] == [1] and steps == sorted(set(steps))
         assert child.data.tags["instseg.stopped_early"] == str(child.info.status == "KILLED").lower()
+        epochs = len(steps)
+        reason = "stopped by the asha scheduler after epoch 1" if child.info.status == "KILLED" else "all 2 epochs"
+        assert child.data.tags["instseg.trial_reason"] == reason and epochs == (1 if reason != "all 2 epochs" else 2)
         if child.info.status == "FINISHED":  # plots are logged before the last report ends the trial
             assert "plots/PR_curve.png" in {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
     sampled_lrs = {t.params["train.lr"] for t in summary.trials}

@@ -1,0 +1,56 @@
+"""The study's searcher and scheduler come from the config (tune.search, tune.scheduler); the trial table says
+why each trial ended. (Each runs a real study in the integration tests: asha + optuna-tpe in test_tune, median +
+random in test_flow, none + optuna-cmaes in test_resilience.)"""
+
+import optuna
+import pytest
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
+
+from instseg.config import load
+from instseg.errors import ConfigError
+from tests.conftest import DEMO_CONFIG
+from tuning.tune import TrialSummary, TuneSummary, _scheduler, _search, format_trials
+
+
+@pytest.mark.parametrize(
+    "setting, kind, sampler",
+    [
+        ("optuna-tpe", OptunaSearch, optuna.samplers.TPESampler),
+        ("optuna-cmaes", OptunaSearch, optuna.samplers.CmaEsSampler),
+        ("random", BasicVariantGenerator, None),
+    ],
+)
+def test_each_search_is_built_and_seeded(setting, kind, sampler):
+    search = _search(load(DEMO_CONFIG, [f"tune.search={setting}", "tune.seed=7"]))
+    assert isinstance(search, kind)
+    if sampler is not None:
+        assert isinstance(search._sampler, sampler)
+
+
+def test_each_scheduler_is_built():
+    assert isinstance(_scheduler(load(DEMO_CONFIG, ["tune.scheduler=asha"])), ASHAScheduler)
+    assert isinstance(_scheduler(load(DEMO_CONFIG, ["tune.scheduler=median"])), MedianStoppingRule)
+    assert type(_scheduler(load(DEMO_CONFIG, ["tune.scheduler=none"]))) is FIFOScheduler
+    with pytest.raises(ConfigError, match="tune.scheduler"):
+        load(DEMO_CONFIG, ["tune.scheduler=pbt2"])
+
+
+def test_the_trial_table_says_why_each_trial_ended():
+    trials = [
+        TrialSummary("t1", "r1", {"train.lr": 0.001}, 4, 0.5, 0.6, "completed", "all 4 epochs"),
+        TrialSummary(
+            "t2",
+            "r2",
+            {"train.lr": 0.002},
+            2,
+            0.1,
+            0.2,
+            "stopped_early",
+            "stopped by the median scheduler after epoch 2",
+        ),
+    ]
+    table = format_trials(TuneSummary("p", "uri", "t1", "r1", {}, 0.6, "runs:/r1/bundle", trials))
+    lines = table.splitlines()
+    assert lines[1].endswith("; all 4 epochs") and lines[2].endswith("; stopped by the median scheduler after epoch 2")
