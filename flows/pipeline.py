@@ -2,7 +2,10 @@
 
 The task that launches tuning asks Ray for a sliver of CPU only (its trials' Train workers hold
 the CPUs/GPUs); promotion evaluates two models and takes one CPU. Each task returns a plain
-dict summary that the next task takes explicitly.
+dict summary that the next task takes explicitly. Registration and promotion are retried with backoff (a
+retried registration reuses the version an earlier attempt created; promotion only reads scores and moves
+an alias); a half-done study is not retried. The run leaves markdown artifacts for the Prefect UI: the
+trials (flows.reports) and the promotion decision.
 """
 
 from __future__ import annotations
@@ -12,15 +15,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.tasks import exponential_backoff
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
 
+from flows.reports import PROMOTION_ARTIFACT, TRIALS_ARTIFACT, promotion_markdown, trials_markdown
 from instseg.config import Config, load, resolve_paths
+from instseg.data.coco import dataset_fingerprint
 from instseg.evaluation import render_example
 from instseg.models.bundle import load_bundle
 from instseg.promotion import describe, promote_on_split, register_run
-from instseg.tracking.registry import download_bundle, model_version_run
+from instseg.tracking.registry import CHALLENGER, download_bundle, model_version_run, registered_from
 from instseg.tracking.runs import RunLogger
 from ray_jobs.trainer import preflight
 from tuning.tune import ORCHESTRATION_CPUS, TuneSummary, run_tuning
@@ -28,29 +36,48 @@ from tuning.tune import ORCHESTRATION_CPUS, TuneSummary, run_tuning
 FLOW_NAME = "instseg-tune-register-promote"
 PROMOTION_CPUS = 1
 SHOWCASE_ARTIFACT_PATH = "champion"
+RETRIES = 3  # registration and promotion: an MLflow hiccup should not cost a finished study
+RETRY_BACKOFF_S = 10  # then 20, 40 (Prefect's exponential backoff, with jitter)
 
 
 @task(name="tune")
 def tune_task(config: dict[str, Any]) -> dict[str, Any]:
-    return run_tuning(Config.model_validate(config)).to_dict()
+    cfg = Config.model_validate(config)
+    summary = run_tuning(cfg)
+    experiment = MlflowClient(cfg.tracking.uri).get_experiment_by_name(cfg.tracking.experiment)
+    create_markdown_artifact(
+        markdown=trials_markdown(summary, experiment.experiment_id if experiment else None), key=TRIALS_ARTIFACT,
+        description=f"trials of study {summary.parent_run_id}",
+    )
+    return summary.to_dict()
 
 
-@task(name="register")
+@task(name="register", retries=RETRIES, retry_delay_seconds=exponential_backoff(backoff_factor=RETRY_BACKOFF_S))
 def register_task(config: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
     cfg = Config.model_validate(config)
     summary = TuneSummary.from_dict(tuned)
-    version = register_run(
-        cfg.tracking.uri, summary.best_run_id, cfg.registry.model_name, bundle_uri=summary.best_bundle_uri,
-        tags={"study_run_id": summary.parent_run_id, "trial_id": summary.best_trial_id, "tune_fitness": summary.best_fitness},
-    )
-    get_run_logger().info("registered %s version %s (challenger)", cfg.registry.model_name, version)
+    name = cfg.registry.model_name
+    tags = {"study_run_id": summary.parent_run_id, "trial_id": summary.best_trial_id}
+    version = registered_from(cfg.tracking.uri, name, summary.best_run_id, tags)
+    if version is None:
+        version = register_run(cfg.tracking.uri, summary.best_run_id, name, bundle_uri=summary.best_bundle_uri,
+                               tags={**tags, "tune_fitness": summary.best_fitness})
+    else:  # an earlier attempt registered it and failed after
+        MlflowClient(cfg.tracking.uri).set_registered_model_alias(name, CHALLENGER, version)
+    get_run_logger().info("registered %s version %s (challenger)", name, version)
     return {"model_name": cfg.registry.model_name, "version": version, "tracking_uri": summary.tracking_uri}  # redacted
 
 
-@task(name="promote")
+@task(name="promote", retries=RETRIES, retry_delay_seconds=exponential_backoff(backoff_factor=RETRY_BACKOFF_S))
 def promote_task(config: dict[str, Any], registered: dict[str, Any]) -> dict[str, Any]:
-    result = promote_on_split(Config.model_validate(config), registered["model_name"])
+    cfg = Config.model_validate(config)
+    result = promote_on_split(cfg, registered["model_name"], registered["version"])
     get_run_logger().info(describe(result))
+    fingerprint = dataset_fingerprint(cfg.data.root, (cfg.data.val_split,))
+    create_markdown_artifact(
+        markdown=promotion_markdown(result.to_dict(), cfg.data.val_split, fingerprint), key=PROMOTION_ARTIFACT,
+        description=describe(result),
+    )
     return result.to_dict()
 
 
@@ -84,7 +111,7 @@ def showcase_task(config: dict[str, Any], promoted: dict[str, Any]) -> dict[str,
     }
 
 
-@flow(name=FLOW_NAME, task_runner=RayTaskRunner())
+@flow(name=FLOW_NAME, task_runner=RayTaskRunner(), log_prints=True)
 def tune_register_promote(config_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Load the config (paths resolved against the flow's cwd), then tune, register, promote, and draw the
     champion's predictions on a validation image."""

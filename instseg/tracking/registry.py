@@ -124,6 +124,20 @@ def _input_example() -> Any:
     return pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(image).decode("ascii")]})
 
 
+def registered_from(tracking_uri: str, model_name: str, run_id: str, tags: dict[str, str]) -> str | None:
+    """The version of `model_name` registered from `run_id` whose tags include `tags`, if any: lets a retried
+    registration find what an earlier attempt already created instead of adding a second version."""
+    client = MlflowClient(tracking_uri)
+    try:
+        versions = client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
+    except MlflowException:
+        return None  # no such registered model yet
+    for found in versions:
+        if all(found.tags.get(key) == str(value) for key, value in tags.items()):
+            return str(found.version)
+    return None
+
+
 def _version_for(client: MlflowClient, model_name: str, alias: str) -> Any | None:
     try:
         return client.get_model_version_by_alias(model_name, alias)

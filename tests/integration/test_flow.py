@@ -29,6 +29,15 @@ def prefect_server():
         yield
 
 
+async def _markdown_artifacts(keys: list[str]) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async with get_client() as client:
+        found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    return {artifact.key: artifact.data for artifact in found}
+
+
 async def _flow_run_states(flow_name: str) -> list[str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
@@ -40,6 +49,9 @@ async def _flow_run_states(flow_name: str) -> list[str]:
 
 def test_flow_tunes_registers_promotes_and_champion_predicts(prefect_server, local_ray, synth_root, tmp_path, monkeypatch):
     from flows.pipeline import FLOW_NAME, tune_register_promote
+    from flows.reports import PROMOTION_ARTIFACT, TRIALS_ARTIFACT
+    from instseg.data.coco import dataset_fingerprint
+    from instseg.tracking.registry import registered_from
 
     monkeypatch.chdir(tmp_path)  # relative paths in the overrides resolve against the flow's cwd
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -51,6 +63,19 @@ def test_flow_tunes_registers_promotes_and_champion_predicts(prefect_server, loc
     assert asyncio.run(_flow_run_states(FLOW_NAME)) == ["COMPLETED"]
     # random search, median stopping rule: one epoch each, both complete (the rule judges from grace_period on)
     assert [(t["status"], t["reason"]) for t in result["tune"]["trials"]] == [("completed", "all 1 epochs")] * 2
+    # what the run leaves in the Prefect UI: the trials, and the promotion decision with the data it was judged on
+    artifacts = asyncio.run(_markdown_artifacts([TRIALS_ARTIFACT, PROMOTION_ARTIFACT]))
+    trials = artifacts[TRIALS_ARTIFACT]
+    assert all(f"| `{t['trial_id']}` | completed | 1 |" in trials for t in result["tune"]["trials"])
+    assert f"`{result['tune']['best_run_id']}`" in trials and "all 1 epochs" in trials
+    decision = artifacts[PROMOTION_ARTIFACT]
+    assert decision.startswith("# flow-test: promoted")
+    assert f"split `val` of the dataset with fingerprint `{dataset_fingerprint(synth_root, ('val',))}`" in decision
+    assert f"| {FITNESS} | {result['promotion']['challenger_fitness']:.5f} | - |" in decision
+    # a retried registration finds the version the first attempt made instead of adding another
+    tags = {"study_run_id": result["tune"]["parent_run_id"], "trial_id": result["tune"]["best_trial_id"]}
+    assert registered_from(tracking_uri, "flow-test", result["tune"]["best_run_id"], tags) == "1"
+    assert registered_from(tracking_uri, "flow-test", result["tune"]["best_run_id"], {"study_run_id": "other"}) is None
     assert result["registration"]["version"] == "1"
     assert result["promotion"]["promoted"] and result["promotion"]["champion_version"] is None
     assert aliases(tracking_uri, "flow-test") == {CHALLENGER: "1", CHAMPION: "1"}
