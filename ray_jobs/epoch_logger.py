@@ -24,6 +24,7 @@ from typing import Any
 from pyarrow import fs
 from ray.train import Checkpoint, UserCallback
 
+from instseg.errors import first_line
 from instseg.metrics.names import EARLY_STOPPED, EPOCH
 from instseg.metrics.results import RESULTS_CSV
 from instseg.redaction import redact
@@ -103,16 +104,24 @@ class EpochMetricsLogger(UserCallback):
 
 def copy_results_beside(checkpoint: Checkpoint) -> str | None:
     """The checkpoint's results.csv to the run's folder (the checkpoints' parent), replaced in one move; returns
-    its text (None for a checkpoint without one)."""
+    its text (None for a checkpoint without one). The copy is a convenience: a storage error is reported in one
+    line, never raised (an exception in this callback would end the run)."""
     storage = checkpoint.filesystem
     parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
     source = f"{checkpoint.path}/{RESULTS_CSV}"
-    if storage.get_file_info(source).type != fs.FileType.File:
+    try:
+        if storage.get_file_info(source).type != fs.FileType.File:
+            return None
+        with storage.open_input_stream(source) as stream:
+            text = stream.read().decode("utf-8")
+    except OSError as exc:
+        print(f"could not read {source}: {first_line(exc, 300)}", flush=True)
         return None
-    with storage.open_input_stream(source) as stream:
-        text = stream.read().decode("utf-8")
     staging = f"{parent}/.{RESULTS_CSV}.{time.time_ns()}"
-    with storage.open_output_stream(staging) as stream:
-        stream.write(text.encode("utf-8"))
-    storage.move(staging, f"{parent}/{RESULTS_CSV}")
+    try:
+        with storage.open_output_stream(staging) as stream:
+            stream.write(text.encode("utf-8"))
+        storage.move(staging, f"{parent}/{RESULTS_CSV}")
+    except OSError as exc:
+        print(f"could not write {parent}/{RESULTS_CSV} (it is in each checkpoint): {first_line(exc, 300)}", flush=True)
     return text

@@ -109,3 +109,21 @@ def test_results_csv_has_ultralytics_columns_and_cumulative_time():
     assert {"metrics/mAP50-95(M)", "metrics/precision(B)", "lr/pg0"} <= set(rows[0])
     assert [row["epoch"] for row in rows] == ["1", "2"] and [float(row["time"]) for row in rows] == [3.0, 7.5]
     assert float(rows[1]["metrics/mAP50-95(M)"]) == pytest.approx(0.2) and rows[1]["metrics/mAP50(M)"] == ""
+
+
+def test_results_csv_is_copied_beside_the_checkpoints_and_a_storage_error_is_one_line(tmp_path, capsys):
+    from ray.train import Checkpoint
+
+    from ray_jobs.epoch_logger import copy_results_beside
+
+    text = results_csv([epoch_metrics(1, 3.0, 0.1)])
+    for run in ("ok", "blocked"):
+        (tmp_path / run / "epoch_0001").mkdir(parents=True)
+        (tmp_path / run / "epoch_0001" / "results.csv").write_text(text)
+    assert copy_results_beside(Checkpoint(str(tmp_path / "ok" / "epoch_0001"))) == text
+    assert (tmp_path / "ok" / "results.csv").read_text() == text
+    # a folder where the copy should go: the copy fails, the callback (and so the run) goes on with the text
+    (tmp_path / "blocked" / "results.csv").mkdir()
+    (tmp_path / "blocked" / "results.csv" / "keep").write_text("x")
+    assert copy_results_beside(Checkpoint(str(tmp_path / "blocked" / "epoch_0001"))) == text
+    assert capsys.readouterr().out.startswith(f"could not write {tmp_path / 'blocked'}/results.csv")
