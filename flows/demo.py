@@ -20,7 +20,7 @@ from instseg.metrics.names import FITNESS
 from instseg.tracking.registry import aliases
 from ray_jobs.cli_common import load_config, run_cli
 from ray_jobs.runtime import init_ray
-from tuning.tune import TuneSummary, format_trials
+from tuning.tune import TuneSummary, format_params, format_trials
 
 
 def _bin_dir() -> str:
@@ -38,7 +38,7 @@ def print_summary(result: dict[str, Any], elapsed: float, data_root: str, val_sp
     print("\n" + "=" * 78)
     print(f"instseg demo finished in {elapsed / 60:.1f} min\n")
     print(format_trials(tuned))
-    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in tuned.best_params.items())
+    params = format_params(tuned.best_params, digits=4)
     print(f"\nbest params      {params}")
     print(f"best {FITNESS:<11} {tuned.best_fitness:.5f} (trial {tuned.best_trial_id}, MLflow run {tuned.best_run_id})")
     print(f"registered       {reg['model_name']} version {reg['version']}")

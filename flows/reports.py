@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from instseg.metrics.names import FITNESS
-from tuning.tune import TuneSummary
+from tuning.tune import TuneSummary, format_params
 
 TRIALS_ARTIFACT = "instseg-trials"
 PROMOTION_ARTIFACT = "instseg-promotion"
@@ -37,7 +37,7 @@ def trials_markdown(summary: TuneSummary, experiment_id: str | None = None) -> s
         "| --- | --- | ---: | ---: | --- | --- | --- |",
     ]
     for trial in sorted(summary.trials, key=lambda t: -(t.best_fitness if t.best_fitness is not None else -1)):
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+        params = format_params(trial.params)
         link = run_link(summary.tracking_uri, experiment_id, trial.run_id)
         lines.append(
             f"| `{trial.trial_id}` | {trial.status} | {trial.epochs} | {_number(trial.best_fitness)} | {params} | "

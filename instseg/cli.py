@@ -37,6 +37,7 @@ PROG = "instseg"
 OVERWRITE_HELP = "replace a non-empty output folder that instseg did not write (swapped in only when complete)"
 MODEL_HELP = "models:/NAME@alias, runs:/RUN_ID/model, a bundle folder or a training checkpoint"
 TRACKING_URI_HELP = "MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+MODEL_NAME_HELP = "registered model name (registry.model_name)"
 BACKEND_HELP = "COCO scoring library (default faster: faster-coco-eval, the same stats)"
 
 
@@ -239,6 +240,16 @@ def _inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
 
 
+def _registry_command(commands: Any, name: str, help_text: str,
+                      handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    """A command about one registered model, found in the tracking server that --tracking-uri names."""
+    parser = commands.add_parser(name, help=help_text)
+    parser.add_argument("name", help=MODEL_NAME_HELP)
+    parser.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Mask R-CNN instance segmentation on Ray: train, tune, "
                                      "evaluate, predict and manage models")
@@ -292,24 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="draw masks, boxes, classes and scores on each image, written to DIR as PNG")
     pred.set_defaults(handler=_predict)
 
-    models = commands.add_parser("models", help="a registered model's versions, aliases and promotion fitness")
-    models.add_argument("name", help="registered model name (registry.model_name)")
-    models.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
-    models.set_defaults(handler=_models)
-    register = commands.add_parser("register", help="register a training run's model as NAME's challenger")
-    register.add_argument("name", help="registered model name (registry.model_name)")
+    _registry_command(commands, "models", "a registered model's versions, aliases and promotion fitness", _models)
+    register = _registry_command(commands, "register", "register a training run's model as its challenger", _register)
     register.add_argument("--run", required=True, help="the MLflow run id of a finished training run")
-    register.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
-    register.set_defaults(handler=_register)
     promote = commands.add_parser("promote", help="the gate: challenger vs champion on the config's val split")
-    promote.add_argument("name", help="registered model name (registry.model_name)")
+    promote.add_argument("name", help=MODEL_NAME_HELP)
     promote.add_argument("--version", default=None, help="make this version the challenger first")
     _config_arguments(promote)
     promote.set_defaults(handler=_promote)
-    back = commands.add_parser("rollback", help="move champion back to the version it replaced")
-    back.add_argument("name", help="registered model name (registry.model_name)")
-    back.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
-    back.set_defaults(handler=_rollback)
+    _registry_command(commands, "rollback", "move champion back to the version it replaced", _rollback)
 
     met = commands.add_parser("metrics", help="evaluate a COCO results file: metrics.json + plots")
     met.add_argument("gt", help="COCO ground truth JSON")

@@ -18,7 +18,7 @@ from instseg.errors import DataError
 from instseg.metrics.coco_eval import DEFAULT_BACKEND, Backend, CocoEvaluator
 from instseg.metrics.fitness import fitness
 from instseg.metrics.names import FITNESS
-from instseg.metrics.plots import drawable, plot_example
+from instseg.metrics.plots import drawable, plot_example, target_drawable
 
 EXAMPLE_SCORE = 0.5  # detections drawn on the example image
 EXAMPLE_CANDIDATES = 16  # the example is the most crowded of the split's first images
@@ -53,8 +53,7 @@ def render_example(model: nn.Module, label_map: LabelMap, data: DataConfig, spli
     image, target = dataset[crowd.index(max(crowd))]
     output = model.eval().to(device)([image.to(device).float() / 255])[0]
     prediction = drawable(output, EXAMPLE_SCORE)
-    truth = {"masks": target["masks"].bool(), "boxes": target["boxes"], "classes": (target["labels"] - 1).tolist(),
-             "scores": None}
+    truth = target_drawable(target)
     titles = (f"ground truth ({split} image {target['image_id']})", title)
     plot_example(image, truth, prediction, list(label_map.names), path, titles)
     return int(target["image_id"])

@@ -117,13 +117,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     stored_config = redact_tree(cfg.model_dump())  # checkpoints and bundles travel: no credentials in them
     evaluator = CocoEvaluator(val_set.coco, label_map, backend=cfg.metrics.backend)
     table = EpochTable(cfg.train.epochs)
+    progress_mode = loop_config.get("progress", "lines")
     for epoch in range(start_epoch, cfg.train.epochs):
         started = time.perf_counter()
         sampler = train_loader.batch_sampler if cfg.data.aspect_ratio_grouping else train_loader.sampler
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every rank
-        mode = loop_config.get("progress", "lines")
-        progress = make_progress(mode, epoch + 1, cfg.train.epochs) if rank == 0 else None
+        progress = make_progress(progress_mode, epoch + 1, cfg.train.epochs) if rank == 0 else None
         train_metrics = mean_across_ranks(
             train_one_epoch(model, optimizer, train_loader, device, scheduler, cfg.train.log_every, progress,
                             precision=precision, grad_clip_norm=cfg.train.grad_clip_norm)

@@ -313,10 +313,15 @@ def _finish_study(cfg: Config, grid: Any, tracking_uri: str, parent: RunLogger) 
     return summary
 
 
+def format_params(params: dict[str, Any], digits: int = 3) -> str:
+    """Sampled values as `key=value, ...`, floats to `digits` significant digits."""
+    return ", ".join(f"{k}={v:.{digits}g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
 def format_trials(summary: TuneSummary) -> str:
     lines = [f"{'trial':<14}{'status':<15}{'epochs':>7}{FITNESS:>12}  params; why it ended"]
     for t in sorted(summary.trials, key=lambda t: -(t.best_fitness or -1)):
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+        params = format_params(t.params)
         best = f"{t.best_fitness:.5f}" if t.best_fitness is not None else "-"
         lines.append(f"{t.trial_id:<14}{t.status:<15}{t.epochs:>7}{best:>12}  {params}; {t.reason}")
     return "\n".join(lines)

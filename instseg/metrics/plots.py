@@ -147,6 +147,12 @@ def drawable(output: dict, min_score: float) -> dict:
             "classes": (output["labels"][keep] - 1).tolist(), "scores": output["scores"][keep].float().tolist()}
 
 
+def target_drawable(target: dict) -> dict:
+    """A dataset target (instseg's target schema) as draw_detections takes ground truth: no scores."""
+    return {"masks": target["masks"].bool(), "boxes": target["boxes"], "classes": (target["labels"] - 1).tolist(),
+            "scores": None}
+
+
 def draw_detections(image, detections: dict, names: list[str], scale: int = 1):
     """uint8 [3, H, W] image with instance masks, boxes and labels drawn in one colour per class. detections:
     boolean masks [N, H, W], xyxy boxes [N, 4], 0-based class indices and scores (None for ground truth).

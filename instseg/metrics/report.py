@@ -153,13 +153,10 @@ def write_overlay_grid(path: Path, samples: list[tuple[Any, dict[str, Any], list
                        score: float) -> Path:
     """Validation images, ground truth beside predictions (samples: (uint8 image, its dataset target, its COCO
     results); detections below `score` are not drawn)."""
-    from instseg.metrics.plots import plot_overlays
+    from instseg.metrics.plots import plot_overlays, target_drawable
 
-    drawn = []
-    for image, target, results in samples:
-        truth = {"masks": target["masks"].bool(), "boxes": target["boxes"], "classes": (target["labels"] - 1).tolist(),
-                 "scores": None}
-        drawn.append((image, truth, _drawable_results(image, results, label_map, score)))
+    drawn = [(image, target_drawable(target), _drawable_results(image, results, label_map, score))
+             for image, target, results in samples]
     path.parent.mkdir(parents=True, exist_ok=True)
     return plot_overlays(drawn, list(label_map.names), path)
 
