@@ -1,5 +1,8 @@
 """The tune -> register -> promote -> showcase flow on prefect_ray.RayTaskRunner.
 
+A run trains only while it holds a slot of the global concurrency limit GPU_LIMIT, so two scheduled studies
+never train on the same GPUs at once; every task has a timeout.
+
 The task that launches tuning asks Ray for a sliver of CPU only (its trials' Train workers hold
 the CPUs/GPUs); promotion evaluates two models and takes one CPU. Each task returns a plain
 dict summary that the next task takes explicitly. Registration and promotion are retried with backoff (a
@@ -10,37 +13,73 @@ trials (flows.reports) and the promotion decision.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.concurrency.sync import concurrency
+from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
 
 from flows.reports import PROMOTION_ARTIFACT, TRIALS_ARTIFACT, promotion_markdown, trials_markdown
 from instseg.config import Config, load, resolve_paths
-from instseg.data.coco import dataset_fingerprint
 from instseg.evaluation import render_example
 from instseg.models.bundle import load_bundle
 from instseg.promotion import describe, promote_on_split, register_run
 from instseg.tracking.registry import CHALLENGER, download_bundle, model_version_run, registered_from
 from instseg.tracking.runs import RunLogger
+from ray_jobs.runtime import start_local_ray
 from ray_jobs.trainer import preflight
 from tuning.tune import ORCHESTRATION_CPUS, TuneSummary, run_tuning
 
 FLOW_NAME = "instseg-tune-register-promote"
+# how a worker finds it (flows.deploy, prefect.yaml): a module path, so that Ray workers unpickle its tasks from
+# flows.pipeline (a file path would load it as a module named "pipeline", which they cannot import)
+FLOW_ENTRYPOINT = "flows.pipeline:tune_register_promote"
+GPU_LIMIT = "gpu"  # Prefect global concurrency limit: studies training at once (flows.deploy creates it)
 PROMOTION_CPUS = 1
 SHOWCASE_ARTIFACT_PATH = "champion"
 RETRIES = 3  # registration and promotion: an MLflow hiccup should not cost a finished study
 RETRY_BACKOFF_S = 10  # then 20, 40 (Prefect's exponential backoff, with jitter)
+RETRY_DELAYS = exponential_backoff(backoff_factor=RETRY_BACKOFF_S)
+# a stuck task fails the flow run instead of holding the `gpu` slot for ever; a study's own length is bounded by
+# its config (trials x epochs), so its limit is generous
+TUNE_TIMEOUT_S = 24 * 3600
+REGISTER_TIMEOUT_S = 15 * 60
+PROMOTE_TIMEOUT_S = 2 * 3600
+SHOWCASE_TIMEOUT_S = 15 * 60
 
 
-@task(name="tune")
+class LocalOrClusterRayTaskRunner(RayTaskRunner):
+    """RayTaskRunner that joins `address` (or RAY_ADDRESS) when there is one, else starts a private local
+    instance the way `instseg train` does (ray_jobs.runtime.start_local_ray: right beside other instances on the
+    machine, such as another flow run's) and shuts it down when the flow run ends. A bare ray.init() would join
+    whatever cluster `ray start --head` recorded last."""
+
+    def __enter__(self) -> "LocalOrClusterRayTaskRunner":
+        self._started_local = False
+        if not ray.is_initialized() and self.address in (None, "local") and not os.environ.get("RAY_ADDRESS"):
+            start_local_ray(**self.init_kwargs)
+            self._started_local = True
+        return super().__enter__()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            super().__exit__(*exc_info)
+        finally:
+            if getattr(self, "_started_local", False):
+                ray.shutdown()
+
+
+@task(name="tune", timeout_seconds=TUNE_TIMEOUT_S)
 def tune_task(config: dict[str, Any]) -> dict[str, Any]:
     cfg = Config.model_validate(config)
     summary = run_tuning(cfg)
@@ -52,7 +91,7 @@ def tune_task(config: dict[str, Any]) -> dict[str, Any]:
     return summary.to_dict()
 
 
-@task(name="register", retries=RETRIES, retry_delay_seconds=exponential_backoff(backoff_factor=RETRY_BACKOFF_S))
+@task(name="register", timeout_seconds=REGISTER_TIMEOUT_S, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS)
 def register_task(config: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
     cfg = Config.model_validate(config)
     summary = TuneSummary.from_dict(tuned)
@@ -68,20 +107,20 @@ def register_task(config: dict[str, Any], tuned: dict[str, Any]) -> dict[str, An
     return {"model_name": cfg.registry.model_name, "version": version, "tracking_uri": summary.tracking_uri}  # redacted
 
 
-@task(name="promote", retries=RETRIES, retry_delay_seconds=exponential_backoff(backoff_factor=RETRY_BACKOFF_S))
+@task(name="promote", timeout_seconds=PROMOTE_TIMEOUT_S, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS)
 def promote_task(config: dict[str, Any], registered: dict[str, Any]) -> dict[str, Any]:
     cfg = Config.model_validate(config)
-    result = promote_on_split(cfg, registered["model_name"], registered["version"])
+    decided_by = f"prefect flow run {flow_run.name} ({flow_run.id})"
+    result = promote_on_split(cfg, registered["model_name"], registered["version"], decided_by=decided_by)
     get_run_logger().info(describe(result))
-    fingerprint = dataset_fingerprint(cfg.data.root, (cfg.data.val_split,))
     create_markdown_artifact(
-        markdown=promotion_markdown(result.to_dict(), cfg.data.val_split, fingerprint), key=PROMOTION_ARTIFACT,
+        markdown=promotion_markdown(result.to_dict()), key=PROMOTION_ARTIFACT,
         description=describe(result),
     )
     return result.to_dict()
 
 
-@task(name="showcase")
+@task(name="showcase", timeout_seconds=SHOWCASE_TIMEOUT_S)
 def showcase_task(config: dict[str, Any], promoted: dict[str, Any]) -> dict[str, Any]:
     """One validation image with the champion's masks drawn beside its ground truth, logged to the champion's
     run (artifact champion/) and kept under the Ray storage path when that is a local folder."""
@@ -111,7 +150,7 @@ def showcase_task(config: dict[str, Any], promoted: dict[str, Any]) -> dict[str,
     }
 
 
-@flow(name=FLOW_NAME, task_runner=RayTaskRunner(), log_prints=True)
+@flow(name=FLOW_NAME, task_runner=LocalOrClusterRayTaskRunner(), log_prints=True)
 def tune_register_promote(config_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Load the config (paths resolved against the flow's cwd), then tune, register, promote, and draw the
     champion's predictions on a validation image."""
@@ -119,7 +158,9 @@ def tune_register_promote(config_path: str | None = None, overrides: list[str] |
     preflight(cfg)  # a bad dataset or weights file fails the flow before any task is dispatched
     config = cfg.model_dump()
     with remote_options(num_cpus=ORCHESTRATION_CPUS):
-        tuned = tune_task.submit(config).result()
+        # one study per `gpu` slot at a time: a second scheduled run waits here for the first to finish training
+        with concurrency(GPU_LIMIT, occupy=1):
+            tuned = tune_task.submit(config).result()
         registered = register_task.submit(config, tuned).result()
     with remote_options(num_cpus=PROMOTION_CPUS):
         promoted = promote_task.submit(config, registered).result()

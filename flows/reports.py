@@ -46,16 +46,18 @@ def trials_markdown(summary: TuneSummary, experiment_id: str | None = None) -> s
     return "\n".join(lines) + "\n"
 
 
-def promotion_markdown(result: dict[str, Any], split: str, fingerprint: str) -> str:
-    """Challenger against champion on one split of one dataset version, and what was decided."""
+def promotion_markdown(result: dict[str, Any]) -> str:
+    """Challenger against champion on one split of one dataset version, what was decided, by whom."""
     decision = "promoted" if result["promoted"] else "kept champion"
     champion = f"v{result['champion_version']}" if result["champion_version"] else "none"
     keys = sorted(set(result.get("challenger_metrics") or {}) | set(result.get("champion_metrics") or {}))
     lines = [
         f"# {result['model_name']}: {decision}",
         "",
-        f"Judged on split `{split}` of the dataset with fingerprint `{fingerprint}`; `champion` is now "
-        f"v{result['champion_after']}.",
+        f"Judged on split `{result.get('split')}` of the dataset with fingerprint `{result.get('data_fingerprint')}`"
+        f" (minimum gain {result.get('min_improvement', 0.0)}); `champion` is now v{result['champion_after']}. "
+        f"Decided {result.get('decided_at', '')} by {result.get('decided_by', '-')}; "
+        f"recorded in MLflow run `{result.get('record_run_id')}`.",
         "",
         f"| | challenger v{result['challenger_version']} | champion {champion} |",
         "| --- | ---: | ---: |",

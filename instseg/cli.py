@@ -204,7 +204,7 @@ def _promote(args: argparse.Namespace) -> int:
     from instseg.promotion import describe, promote_on_split
 
     cfg = resolve_paths(load(args.config, args.overrides))
-    print(describe(promote_on_split(cfg, args.name, args.version)))
+    print(describe(promote_on_split(cfg, args.name, args.version, decided_by="instseg promote")))
     return 0
 
 
@@ -266,11 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
     flows = flow.add_subparsers(dest="flow_command", required=True, metavar="COMMAND")
     run = _config_arguments(flows.add_parser("run", help="run the flow once, here (synthesizes the demo data)"))
     run.set_defaults(handler=_on_demand("flows.demo", "flow_command"))
-    deploy = _config_arguments(flows.add_parser("deploy", help="serve the flow on a schedule"))
+    deploy = _config_arguments(flows.add_parser(
+        "deploy", help="deploy the flow on a schedule to a Prefect work pool (PREFECT_API_URL), or serve it here"))
     deploy.add_argument("--cron", default=None, help='cron schedule, e.g. "0 3 * * *" (daily at 03:00)')
     deploy.add_argument("--interval-minutes", type=float, default=None, help="run every N minutes")
     deploy.add_argument("--rrule", default=None, help="RFC 5545 recurrence rule")
     deploy.add_argument("--ray-address", default=None, help="Ray address (default: RAY_ADDRESS or a local instance)")
+    deploy.add_argument("--pool", default="instseg-process", help="process work pool, created if missing")
+    deploy.add_argument("--gpu-slots", type=int, default=1,
+                        help="studies training at once: the `gpu` global concurrency limit, if it is created now")
+    deploy.add_argument("--serve", action="store_true", help="run the schedule in this process (no pool, no worker)")
     deploy.set_defaults(handler=_on_demand("flows.deploy", "deploy_command"))
 
     job = commands.add_parser("job", help="Ray jobs on a cluster")

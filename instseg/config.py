@@ -156,6 +156,7 @@ class TrackingConfig(_Section):
 
 class RegistryConfig(_Section):
     model_name: str = "instseg-maskrcnn"
+    min_improvement: float = Field(0.0, ge=0.0)  # fitness a challenger must gain over the champion to replace it
 
 
 class SearchDimension(_Section):
@@ -169,8 +170,8 @@ class TuneConfig(_Section):
     num_samples: int = Field(4, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
     seed: int = 0
-    search: Literal["optuna-tpe", "optuna-cmaes", "random"] = "optuna-tpe"
-    scheduler: Literal["asha", "median", "none"] = "asha"
+    search: Literal["optuna-tpe", "optuna-cmaes", "random", "bohb"] = "optuna-tpe"
+    scheduler: Literal["asha", "hyperband", "median", "none"] = "asha"
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
     min_samples_required: int = Field(3, ge=1)  # median: trials that must have reached an epoch before it judges
@@ -202,6 +203,16 @@ class Config(_Section):
             raise ValueError(
                 f"ray.gpus_per_worker={self.ray.gpus_per_worker} puts several workers on one GPU, which DDP cannot "
                 "do (NCCL needs a GPU per rank): use it with ray.num_workers=1, to run trials side by side"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _bohb_with_hyperband(self) -> "Config":
+        # BOHB is one algorithm in two halves: its searcher and its HyperBand scheduler need each other
+        if self.tune.search == "bohb" and self.tune.scheduler != "hyperband":
+            raise ValueError(
+                f"tune.search=bohb needs tune.scheduler=hyperband (got {self.tune.scheduler}): BOHB's searcher "
+                "learns from HyperBand's brackets"
             )
         return self
 

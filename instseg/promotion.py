@@ -3,8 +3,8 @@
 
 Registering makes a training run's bundle a new version of a registered model and points `challenger` at
 it. Promotion is the gate: challenger and champion are scored on the config's validation split, and
-`champion` moves only when the challenger's FITNESS is better (instseg.tracking.registry.promote records
-both scores and the decision on the version).
+`champion` moves only when the challenger's FITNESS is better (instseg.tracking.gate records both scores and
+the decision on both versions and in the instseg-promotions experiment).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from mlflow.exceptions import MlflowException
 from instseg.config import Config
 from instseg.errors import InstsegError
 from instseg.redaction import redact
+from instseg.tracking.gate import PromotionResult, promote, who_decides
 from instseg.tracking.pyfunc_model import BUNDLE_ARTIFACT
-from instseg.tracking.registry import CHALLENGER, PromotionResult, download_bundle, promote, register_bundle
+from instseg.tracking.registry import CHALLENGER, download_bundle, register_bundle
 
 
 def register_run(tracking_uri: str, run_id: str, model_name: str, tags: Mapping[str, str] | None = None,
@@ -32,9 +33,11 @@ def register_run(tracking_uri: str, run_id: str, model_name: str, tags: Mapping[
         return register_bundle(tracking_uri, run_id, bundle, model_name, tags=dict(tags or {}))
 
 
-def promote_on_split(cfg: Config, model_name: str, version: str | None = None) -> PromotionResult:
-    """The promotion gate on cfg.data.val_split (cfg with resolved paths): `version`, if given, becomes the
-    challenger first; the challenger then replaces the champion if its fitness is better."""
+def promote_on_split(cfg: Config, model_name: str, version: str | None = None, decided_by: str = "") -> PromotionResult:
+    """The promotion gate (instseg.tracking.gate) on cfg.data.val_split (cfg with resolved paths): `version`, if
+    given, becomes the challenger first; the challenger then replaces the champion if its fitness is better by at
+    least cfg.registry.min_improvement. `decided_by`: what asked (a command, a flow run), recorded with it."""
+    from instseg.data.coco import dataset_fingerprint
     from instseg.evaluation import evaluate_on_split
     from instseg.models.bundle import load_bundle
 
@@ -47,7 +50,11 @@ def promote_on_split(cfg: Config, model_name: str, version: str | None = None) -
             model, label_map, cfg.data, cfg.data.val_split, cfg.metrics.fitness_weights, backend=cfg.metrics.backend
         )
 
-    return promote(cfg.tracking.uri, model_name, score)
+    return promote(
+        cfg.tracking.uri, model_name, score, version=version, min_improvement=cfg.registry.min_improvement,
+        split=cfg.data.val_split, fingerprint=lambda: dataset_fingerprint(cfg.data.root, (cfg.data.val_split,)),
+        decided_by=who_decides(decided_by),
+    )
 
 
 def _make_challenger(tracking_uri: str, model_name: str, version: str) -> None:

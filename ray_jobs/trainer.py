@@ -95,14 +95,8 @@ def open_train_run(cfg: Config, tracking_uri: str, name: str) -> tuple[str, bool
     existing = claim_run_name(cfg, tracking_uri, name, kind="train")
     if existing is None:
         return create_driver_run(cfg, tracking_uri, name, kind="train"), False
+    check_resumable(cfg, existing, name)
     run_id = existing.info.run_id
-    if existing.info.status == "FINISHED":
-        raise ConfigError(f"run_name '{name}' already finished (MLflow run {run_id}): choose a new run_name to train again")
-    if existing.data.tags.get(FINGERPRINT_TAG) not in (None, _fingerprint(cfg)):
-        raise ConfigError(
-            f"run_name '{name}' (MLflow run {run_id}) was trained on other data than {cfg.data.root} has now: "
-            "choose a new run_name"
-        )
     logger = RunLogger(tracking_uri, run_id)
     logged = logger.logged_steps(FITNESS)
     if logged and "://" not in cfg.ray.storage_path and not checkpoint_folders(cfg, name):
@@ -113,6 +107,19 @@ def open_train_run(cfg: Config, tracking_uri: str, name: str) -> tuple[str, bool
     logger.reopen()
     logger.set_tags(driver_tags())
     return run_id, True
+
+
+def check_resumable(cfg: Config, existing: Any, name: str) -> None:
+    """ConfigError unless the unfinished run `existing` (found by run_name) can continue: not FINISHED, and
+    trained on the data cfg.data.root holds now."""
+    run_id = existing.info.run_id
+    if existing.info.status == "FINISHED":
+        raise ConfigError(f"run_name '{name}' already finished (MLflow run {run_id}): choose a new run_name")
+    if existing.data.tags.get(FINGERPRINT_TAG) not in (None, _fingerprint(cfg)):
+        raise ConfigError(
+            f"run_name '{name}' (MLflow run {run_id}) was trained on other data than {cfg.data.root} has now: "
+            "choose a new run_name"
+        )
 
 
 def scaling_config(cfg: Config) -> ray.train.ScalingConfig:

@@ -1,6 +1,12 @@
-"""Hyperparameter search on Ray Tune: Optuna (TPE or CMA-ES) or random search, ASHA or median-rule early stopping.
+"""Hyperparameter search on Ray Tune: Optuna (TPE or CMA-ES), random search or BOHB; ASHA, HyperBand or
+median-rule early stopping.
 
     instseg tune --config configs/demo.yaml [key=value ...]      # python -m tuning.tune is its alias
+
+A study is resumable: rerunning it with the same run_name after Ctrl-C, SIGTERM or a crash restores it
+(Tuner.restore) into the same MLflow parent run; finished trials stay as they are, unfinished and errored
+ones continue from their last checkpoint (resume_errored: an error that ended a study, such as a lost node,
+is usually not the trial's fault, and its epochs are worth keeping).
 
 Train V2 pattern: each trial is a driver function that builds the same TorchTrainer as plain
 training (ray_jobs.trainer.build_trainer) with TuneReportCallback forwarding rank-0 metrics.
@@ -10,20 +16,31 @@ MLflow: one parent run for the study, one child run per trial (mlflow.parentRunI
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import optuna
 import ray.train
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+from ray.tune.schedulers import (
+    ASHAScheduler,
+    FIFOScheduler,
+    HyperBandForBOHB,
+    HyperBandScheduler,
+    MedianStoppingRule,
+)
 from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search.bohb import TuneBOHB
 from ray.tune.search.optuna import OptunaSearch
 
 from instseg.cli import parse_command
@@ -31,7 +48,7 @@ from instseg.config import Config, flatten, with_values
 from instseg.errors import ConfigError, first_line
 from instseg.metrics.names import EARLY_STOPPED, EPOCH, FITNESS, FITNESS_MODE
 from instseg.redaction import redact
-from instseg.tracking.liveness import DRIVER_TAGS, NOTE_TAG, Heartbeat
+from instseg.tracking.liveness import DRIVER_TAGS, NOTE_TAG, Heartbeat, driver_tags
 from instseg.tracking.runs import RunLogger, child_runs, create_run, resolve_tracking_uri
 from ray_jobs.cli_common import load_config, run_cli
 from ray_jobs.runtime import init_ray
@@ -39,6 +56,7 @@ from ray_jobs.submit import print_result
 from ray_jobs.trainer import (
     TrainingFailed,
     build_trainer,
+    check_resumable,
     claim_run_name,
     create_driver_run,
     fit_and_log,
@@ -101,15 +119,29 @@ def trial_driver(
     the study driver's tags (`driver`): the study's driver owns the trial's lifetime."""
     cfg = with_values(Config.model_validate(base_config), params)
     trial_id = tune.get_context().get_trial_id()
-    run_id = create_run(
+    run_id = _open_trial_run(cfg, tracking_uri, parent_run_id, trial_id, driver)
+    trainer = build_trainer(
+        cfg, tracking_uri=tracking_uri, run_id=run_id, name=f"{study}-{trial_id}", callbacks=[TuneReportCallback()]
+    )
+    fit_and_log(trainer, tracking_uri, run_id, closes_failed_runs=False)  # the study closes trial runs
+
+
+def _open_trial_run(cfg: Config, tracking_uri: str, parent_run_id: str, trial_id: str, driver: dict[str, str]) -> str:
+    """The trial's MLflow run: its earlier one when Tune restarts it (HyperBand resumes paused trials, a restored
+    study resumes unfinished ones; Ray Train restores the checkpoint and the loop continues the history), else new."""
+    earlier = [run for run in child_runs(tracking_uri, parent_run_id) if run.data.tags.get(TRIAL_ID_TAG) == trial_id]
+    if earlier:
+        logger = RunLogger(tracking_uri, earlier[0].info.run_id)
+        logger.reopen()
+        logger.set_tags({**driver, "instseg.trial_status": "running"})
+        return logger.run_id
+    return create_run(
         tracking_uri,
         cfg.tracking.experiment,
         run_name=f"trial-{trial_id}",
         parent_run_id=parent_run_id,
         tags={TRIAL_ID_TAG: trial_id, "instseg.kind": "trial", **driver},
     )
-    trainer = build_trainer(cfg, tracking_uri=tracking_uri, run_id=run_id, name=f"{study}-{trial_id}", callbacks=[TuneReportCallback()])
-    fit_and_log(trainer, tracking_uri, run_id, closes_failed_runs=False)  # the study closes trial runs
 
 
 def check_search_space(cfg: Config) -> None:
@@ -128,6 +160,11 @@ def check_search_space(cfg: Config) -> None:
 def _scheduler(cfg: Config) -> Any:
     """tune.scheduler: which trials stop before train.epochs, judged on FITNESS per epoch."""
     grace = min(cfg.tune.grace_period, cfg.train.epochs)
+    if cfg.tune.scheduler == "hyperband":
+        # synchronous brackets: a trial that reached its rung waits (paused) for the rest of its bracket, then
+        # continues from its checkpoint or stops; BOHB's searcher needs its own variant of the scheduler
+        bracketing = HyperBandForBOHB if cfg.tune.search == "bohb" else HyperBandScheduler
+        return bracketing(time_attr=EPOCH, max_t=cfg.train.epochs, reduction_factor=cfg.tune.reduction_factor)
     if cfg.tune.scheduler == "median":
         return MedianStoppingRule(
             time_attr=EPOCH, grace_period=grace, min_samples_required=cfg.tune.min_samples_required
@@ -143,6 +180,8 @@ def _search(cfg: Config) -> Any:
     """tune.search: how each trial's values are chosen, seeded by tune.seed."""
     if cfg.tune.search == "random":
         return BasicVariantGenerator(random_state=cfg.tune.seed)
+    if cfg.tune.search == "bohb":
+        return TuneBOHB(seed=cfg.tune.seed)
     if cfg.tune.search == "optuna-cmaes":
         # CMA-ES samples continuous keys jointly; `choice` keys fall back to Optuna's independent sampler
         sampler = optuna.samplers.CmaEsSampler(seed=cfg.tune.seed, warn_independent_sampling=False)
@@ -200,51 +239,127 @@ def _close_trial_runs(tracking_uri: str, trials: list[TrialSummary], run_ids: li
             logger.finish(final[status])
 
 
+TUNE_SIGINT_VARIABLE = "TUNE_DISABLE_SIGINT_HANDLER"
+# keys that may differ when a study resumes: where it runs and how it shows progress, not what it trains
+RESUME_MAY_CHANGE = ("ray.address", "train.progress")
+
+
 def run_tuning(cfg: Config) -> TuneSummary:
-    """cfg with absolute paths -> a finished study: parent + child MLflow runs and the best model bundle."""
+    """cfg with absolute paths -> a finished study: parent + child MLflow runs and the best model bundle.
+    A run_name whose study did not finish resumes it (see the module's docstring)."""
     param_space = build_param_space(cfg.tune.search_space)
     check_search_space(cfg)
     preflight(cfg)
     init_ray(cfg.ray.address)
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     study = cfg.run_name or time.strftime("study-%Y%m%d-%H%M%S")
-    claim_run_name(cfg, tracking_uri, study, kind="study")
-    parent_run_id = create_driver_run(cfg, tracking_uri, study, kind="study")
-    parent = RunLogger(tracking_uri, parent_run_id)
-    parent.log_params(flatten(cfg))
-    parent.log_dict({k: v.model_dump() for k, v in cfg.tune.search_space.items()}, "search_space.json")
-    print(f"study {study}: MLflow parent run {parent_run_id} ({redact(tracking_uri)})", flush=True)
+    parent, restore_from = _open_study_run(cfg, tracking_uri, study)
+    action = f"resuming from {restore_from}" if restore_from else "new"
+    print(f"study {study} ({action}): MLflow parent run {parent.run_id} ({redact(tracking_uri)})", flush=True)
 
     driver = tune.with_parameters(
-        trial_driver, base_config=cfg.model_dump(), tracking_uri=tracking_uri, parent_run_id=parent_run_id, study=study,
-        driver={key: value for key, value in parent.tags().items() if key in DRIVER_TAGS},
+        trial_driver, base_config=cfg.model_dump(), tracking_uri=tracking_uri, parent_run_id=parent.run_id,
+        study=study, driver={key: value for key, value in parent.tags().items() if key in DRIVER_TAGS},
     )
-    tuner = tune.Tuner(
-        tune.with_resources(driver, {"cpu": ORCHESTRATION_CPUS}),
-        param_space=param_space,
-        tune_config=tune.TuneConfig(
-            metric=FITNESS,
-            mode=FITNESS_MODE,
-            search_alg=_search(cfg),
-            scheduler=_scheduler(cfg),
-            num_samples=cfg.tune.num_samples,
-            max_concurrent_trials=cfg.tune.max_concurrent_trials,
-        ),
-        run_config=tune.RunConfig(name=study, storage_path=cfg.ray.storage_path, verbose=1),
-    )
+    trainable = tune.with_resources(driver, {"cpu": ORCHESTRATION_CPUS})
+    if restore_from:
+        # the searcher's and scheduler's state come back with the trials; resume_errored: see the module docstring
+        tuner = tune.Tuner.restore(restore_from, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=FITNESS,
+                mode=FITNESS_MODE,
+                search_alg=_search(cfg),
+                scheduler=_scheduler(cfg),
+                num_samples=cfg.tune.num_samples,
+                max_concurrent_trials=cfg.tune.max_concurrent_trials,
+            ),
+            run_config=tune.RunConfig(name=study, storage_path=cfg.ray.storage_path, verbose=1),
+        )
     try:
-        with Heartbeat(tracking_uri, parent_run_id):
+        with Heartbeat(tracking_uri, parent.run_id), _signals_stop_tune() as stopping:
             grid = tuner.fit()
-        if grid.num_terminated + grid.num_errors < len(grid) or len(grid) < cfg.tune.num_samples:
-            raise KeyboardInterrupt  # Tune took the Ctrl-C itself and returned what it had
+        if stopping.is_set() or grid.num_terminated + grid.num_errors < len(grid) or len(grid) < cfg.tune.num_samples:
+            raise KeyboardInterrupt  # Tune stopped on a signal and returned what it had
         return _finish_study(cfg, grid, tracking_uri, parent)
     except KeyboardInterrupt:
         _end_study(tracking_uri, parent, "KILLED", "the study was interrupted")
-        print(f"study {study} interrupted: its runs are marked KILLED", file=sys.stderr, flush=True)
+        print(
+            f"study {study} interrupted: its runs are marked KILLED; rerun with run_name={study} to resume it",
+            file=sys.stderr, flush=True,
+        )
         raise
     except BaseException as exc:
         _end_study(tracking_uri, parent, "FAILED", f"the study failed: {type(exc).__name__}")
         raise
+
+
+def _open_study_run(cfg: Config, tracking_uri: str, study: str) -> tuple[RunLogger, str | None]:
+    """The study's MLflow parent run and, when an unfinished study of this run_name left Tune state to restore,
+    where that state is. A finished study, one on other data or with another config is refused."""
+    existing = claim_run_name(cfg, tracking_uri, study, kind="study")
+    if existing is None:
+        parent = RunLogger(tracking_uri, create_driver_run(cfg, tracking_uri, study, kind="study"))
+        parent.log_params(flatten(cfg))
+        parent.log_dict({k: v.model_dump() for k, v in cfg.tune.search_space.items()}, "search_space.json")
+        return parent, None
+    check_resumable(cfg, existing, study)
+    changed = [
+        key for key, value in flatten(cfg).items()
+        if key in existing.data.params and key not in RESUME_MAY_CHANGE and existing.data.params[key] != str(value)
+    ]
+    if changed:
+        raise ConfigError(
+            f"run_name '{study}' is an unfinished study (MLflow run {existing.info.run_id}) with other settings "
+            f"({', '.join(changed[:5])}): rerun it with the same config to resume it, or choose a new run_name"
+        )
+    experiment_path = f"{cfg.ray.storage_path.rstrip('/')}/{study}"
+    restorable = tune.Tuner.can_restore(experiment_path)
+    if not restorable and child_runs(tracking_uri, existing.info.run_id):
+        raise ConfigError(
+            f"study '{study}' (MLflow run {existing.info.run_id}) has trials but no Tune state under "
+            f"{experiment_path} to resume them from: choose a new run_name"
+        )
+    parent = RunLogger(tracking_uri, existing.info.run_id)
+    parent.reopen()
+    parent.set_tags({**driver_tags(), NOTE_TAG: "resumed"})
+    if not restorable:  # it stopped before its first trial: start the search, keep the run
+        parent.log_params(flatten(cfg))
+    return parent, experiment_path if restorable else None
+
+
+@contextlib.contextmanager
+def _signals_stop_tune() -> Iterator[threading.Event]:
+    """Ctrl-C and SIGTERM (`ray job stop`, a scheduler, `kill`) stop the study gracefully: Tune ends the trials
+    and writes the experiment state a rerun resumes from (its SIGUSR1 handler), and the event that this yields
+    is set, since tuner.fit() returns normally then. A second signal stops at once."""
+    stopping = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stopping
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        if stopping.is_set() or signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+            raise KeyboardInterrupt  # a second signal, or Tune is not running yet
+        stopping.set()
+        print("stopping the study: ending its trials and saving its state (again to stop at once)", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous_env = os.environ.get(TUNE_SIGINT_VARIABLE)
+    os.environ[TUNE_SIGINT_VARIABLE] = "1"  # Tune would replace our SIGINT handler with its own
+    try:
+        yield stopping
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if previous_env is None:
+            os.environ.pop(TUNE_SIGINT_VARIABLE, None)
+        else:
+            os.environ[TUNE_SIGINT_VARIABLE] = previous_env
 
 
 def _end_study(tracking_uri: str, parent: RunLogger, status: str, note: str) -> None:

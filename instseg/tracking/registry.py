@@ -1,20 +1,21 @@
-"""Model registry: register a bundle as a new version (alias `challenger`) and promote to `champion`.
+"""Model registry: register a bundle as a new version (alias `challenger`), list versions, roll back, and the
+lock that serialises moves of `champion` (the promotion gate is instseg.tracking.gate).
 
-Aliases replace MLflow's deprecated stages. Promotion compares challenger and champion on the same
-held-out data by FITNESS and moves `champion` only when the challenger is strictly better; both
-numbers are recorded as tags on the challenger's version.
+Aliases replace MLflow's deprecated stages.
 """
 
 from __future__ import annotations
 
 import base64
 import os
-import tempfile
+import random
+import socket
+import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import mlflow
 import yaml
@@ -23,7 +24,7 @@ from mlflow.exceptions import MlflowException
 
 import instseg
 from instseg.errors import InstsegError
-from instseg.metrics.names import FITNESS, FITNESS_MODE
+from instseg.metrics.names import FITNESS
 from instseg.models.bundle import is_bundle
 from instseg.redaction import redact
 from instseg.tracking.pyfunc_model import BUNDLE_ARTIFACT, IMAGE_COLUMN, model_signature
@@ -37,26 +38,10 @@ MLFLOW_TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 # what the served model imports (instseg's own code travels with it), pinned to the versions that logged it
 SERVING_PACKAGES = ("torch", "torchvision", "pycocotools", "pydantic", "pyyaml", "pillow", "pandas", "numpy", "mlflow")
 EXAMPLE_IMAGE_SIZE = (48, 64)  # the input example: a grey PNG this size (height, width), base64
-
-
-# what promotion records of each model besides FITNESS: mask and box mAP50-95 / mAP50 on the held-out split
-PROMOTION_METRICS = ("val/segm_map", "val/segm_map50", "val/bbox_map", "val/bbox_map50")
-
-
-@dataclass
-class PromotionResult:
-    model_name: str
-    challenger_version: str
-    challenger_fitness: float
-    champion_version: str | None
-    champion_fitness: float | None
-    promoted: bool
-    champion_after: str
-    challenger_metrics: dict[str, float] = field(default_factory=dict)  # PROMOTION_METRICS
-    champion_metrics: dict[str, float] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+LOCK_SUFFIX = ".promotion-lock"  # registry_lock's registered model
+LOCK_SINCE_TAG, LOCK_HOLDER_TAG = "instseg.lock_since", "instseg.lock_holder"
+LOCK_WAIT_S = 60.0
+LOCK_STALE_S = 120.0  # a commit takes a few calls: a lock this old lost its holder
 
 
 @contextmanager
@@ -138,7 +123,8 @@ def registered_from(tracking_uri: str, model_name: str, run_id: str, tags: dict[
     return None
 
 
-def _version_for(client: MlflowClient, model_name: str, alias: str) -> Any | None:
+def version_for(client: MlflowClient, model_name: str, alias: str) -> Any | None:
+    """The model version `alias` points at, or None."""
     try:
         return client.get_model_version_by_alias(model_name, alias)
     except MlflowException:
@@ -173,51 +159,6 @@ def download_bundle(tracking_uri: str, uri: str, dst: Path) -> Path:
     if not is_bundle(bundle):
         raise InstsegError(f"{uri} does not hold an instseg model bundle")
     return bundle
-
-
-def promote(tracking_uri: str, model_name: str, score: Callable[[Path], dict[str, float]]) -> PromotionResult:
-    """Evaluate challenger and champion with `score(bundle_dir)`; move `champion` if the challenger wins."""
-    client = MlflowClient(tracking_uri)
-    challenger = _version_for(client, model_name, CHALLENGER)
-    if challenger is None:
-        raise InstsegError(f"registered model '{model_name}' has no '{CHALLENGER}' alias: register a model first")
-    champion = _version_for(client, model_name, CHAMPION)
-    with tempfile.TemporaryDirectory(prefix="instseg-promote-") as tmp:
-        challenger_metrics = score(download_bundle(tracking_uri, f"models:/{model_name}/{challenger.version}", Path(tmp) / "challenger"))
-        champion_metrics = None
-        if champion is not None:
-            champion_metrics = score(download_bundle(tracking_uri, f"models:/{model_name}/{champion.version}", Path(tmp) / "champion"))
-    challenger_fit = challenger_metrics[FITNESS]
-    champion_fit = champion_metrics[FITNESS] if champion_metrics else None
-    better = (lambda a, b: a > b) if FITNESS_MODE == "max" else (lambda a, b: a < b)
-    promoted = champion is None or (champion.version != challenger.version and better(challenger_fit, champion_fit))
-    tags = {
-        f"promotion.challenger_{FITNESS}": challenger_fit,
-        f"promotion.champion_{FITNESS}": "none" if champion_fit is None else champion_fit,
-        "promotion.champion_version": "none" if champion is None else champion.version,
-        "promotion.decision": "promoted" if promoted else "kept champion",
-        **{f"promotion.challenger_{key.removeprefix('val/')}": v for key, v in _subset(challenger_metrics).items()},
-        **{f"promotion.champion_{key.removeprefix('val/')}": v for key, v in _subset(champion_metrics).items()},
-    }
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, challenger.version, key, str(value))
-    if promoted:
-        client.set_registered_model_alias(model_name, CHAMPION, challenger.version)
-    return PromotionResult(
-        model_name=model_name,
-        challenger_version=str(challenger.version),
-        challenger_fitness=challenger_fit,
-        champion_version=None if champion is None else str(champion.version),
-        champion_fitness=champion_fit,
-        promoted=promoted,
-        champion_after=str(challenger.version if promoted else champion.version),
-        challenger_metrics=_subset(challenger_metrics),
-        champion_metrics=_subset(champion_metrics) if champion_metrics else None,
-    )
-
-
-def _subset(metrics: dict[str, float] | None) -> dict[str, float]:
-    return {key: float(metrics[key]) for key in PROMOTION_METRICS if key in (metrics or {})}
 
 
 @dataclass
@@ -258,12 +199,53 @@ def rollback(tracking_uri: str, model_name: str) -> tuple[str, str]:
     """Point `champion` back at the version it replaced (the champion its promotion recorded); returns
     (from, to). The version rolled back from is tagged, so a second rollback goes one step further back."""
     client = MlflowClient(tracking_uri)
-    current = _version_for(client, model_name, CHAMPION)
+    current = version_for(client, model_name, CHAMPION)
     if current is None:
         raise InstsegError(f"registered model '{model_name}' has no '{CHAMPION}' alias: nothing to roll back")
     previous = current.tags.get("promotion.champion_version", "none")
     if previous == "none" or previous == str(current.version):
         raise InstsegError(f"{model_name} v{current.version} is the first champion: no earlier one to roll back to")
-    client.set_registered_model_alias(model_name, CHAMPION, previous)
+    with registry_lock(client, model_name):
+        if str(version_for(client, model_name, CHAMPION).version) != str(current.version):
+            raise InstsegError(
+                f"{model_name}: the champion changed while rolling back; see `instseg models {model_name}`"
+            )
+        client.set_registered_model_alias(model_name, CHAMPION, previous)
     client.set_model_version_tag(model_name, current.version, "promotion.decision", f"rolled back to {previous}")
     return str(current.version), previous
+
+
+@contextmanager
+def registry_lock(client: MlflowClient, model_name: str, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Only one process at a time moves `model_name`'s champion. MLflow has no compare-and-set on aliases, but
+    creating a registered model is atomic (its name is unique), so the lock is a registered model named
+    `<model_name>.promotion-lock`, held for the few calls of a commit and deleted after. One whose holder died is
+    taken over after LOCK_STALE_S."""
+    name = f"{model_name}{LOCK_SUFFIX}"
+    holder = f"{socket.gethostname()}:{os.getpid()}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.create_registered_model(name, tags={LOCK_SINCE_TAG: f"{time.time():.3f}", LOCK_HOLDER_TAG: holder},
+                                           description=f"held while {model_name}'s champion alias moves")
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        _take_over_if_stale(client, name)
+        if time.monotonic() > deadline:
+            raise InstsegError(f"{model_name}: another promotion has held {name} for over {wait_s:.0f} s; try again")
+        time.sleep(random.uniform(0.05, 0.3))
+    try:
+        yield
+    finally:
+        client.delete_registered_model(name)
+
+
+def _take_over_if_stale(client: MlflowClient, lock_name: str) -> None:
+    try:
+        since = float(client.get_registered_model(lock_name).tags.get(LOCK_SINCE_TAG, "0"))
+        if time.time() - since > LOCK_STALE_S:
+            client.delete_registered_model(lock_name)
+    except MlflowException:
+        pass  # released meanwhile

@@ -16,8 +16,9 @@ from instseg.data.coco import load_coco
 from instseg.evaluation import evaluate_on_split
 from instseg.metrics.names import FITNESS
 from instseg.models.bundle import load_bundle
+from instseg.tracking.gate import promote
 from instseg.tracking.pyfunc_model import encode_image_file
-from instseg.tracking.registry import CHALLENGER, CHAMPION, aliases, download_bundle, promote, register_bundle
+from instseg.tracking.registry import CHALLENGER, CHAMPION, aliases, download_bundle, register_bundle
 from tests.conftest import DEMO_CONFIG, TINY
 
 pytestmark = pytest.mark.integration

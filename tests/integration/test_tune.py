@@ -41,3 +41,29 @@ def test_two_trial_study_has_nested_runs_with_per_epoch_fitness(local_ray, tiny_
     assert summary.best_run_id == best.run_id and summary.best_fitness == pytest.approx(best.best_fitness)
     assert summary.best_bundle_uri == f"runs:/{summary.best_run_id}/bundle"
     assert parent.data.tags["instseg.best_run_id"] == summary.best_run_id
+
+
+def test_bohb_brackets_stop_trials_and_resumed_trials_keep_their_run(local_ray, tiny_config):
+    """BOHB (TuneBOHB + HyperBandForBOHB) with 4 trials of 2 epochs, reduction factor 2: Ray's HyperBand fills
+    a bracket that runs 2 trials to the end, then one that halves 2 trials after an epoch (the first there waits,
+    paused, for the other; the better continues from its checkpoint). A paused trial goes on in its own MLflow
+    run: 4 runs, each epoch logged once."""
+    cfg = tiny_config("train.epochs=2", "tune.num_samples=4", "tune.max_concurrent_trials=2", "tune.search=bohb",
+                      "tune.scheduler=hyperband", "tune.reduction_factor=2", "run_name=bohb")
+    summary = run_tuning(cfg)
+
+    client = MlflowClient(summary.tracking_uri)
+    children = client.search_runs(
+        [client.get_run(summary.parent_run_id).info.experiment_id],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{summary.parent_run_id}'",
+    )
+    assert {c.info.run_id for c in children} == {t.run_id for t in summary.trials} and len(children) == 4
+    reasons = []
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, FITNESS)]
+        assert steps == list(range(1, len(steps) + 1)), steps  # every epoch once, in order, across a pause
+        reasons.append((child.data.tags["instseg.trial_reason"], len(steps), child.info.status))
+    assert sorted(reasons) == [("all 2 epochs", 2, "FINISHED")] * 3 + [
+        ("stopped by the hyperband scheduler after epoch 1", 1, "KILLED")
+    ]
+    assert sorted((t.status, t.epochs) for t in summary.trials) == [("completed", 2)] * 3 + [("stopped_early", 1)]

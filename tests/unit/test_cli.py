@@ -186,7 +186,8 @@ def test_models_lists_versions_and_rollback_brings_the_previous_champion_back(co
     from mlflow import MlflowClient
 
     from instseg.metrics.names import FITNESS
-    from instseg.tracking.registry import aliases, promote, register_bundle
+    from instseg.tracking.gate import promote
+    from instseg.tracking.registry import aliases, register_bundle
     from instseg.tracking.runs import create_run
 
     _, bundle = coco8
@@ -195,8 +196,10 @@ def test_models_lists_versions_and_rollback_brings_the_previous_champion_back(co
         run_id = create_run(uri, "exp", run_name=f"trained-{fitness}")
         MlflowClient(uri).set_terminated(run_id, "FINISHED")
         register_bundle(uri, run_id, bundle, "m")
-        # the gate's scoring is its seam: promote downloads the two versions into folders named after their alias
-        promote(uri, "m", lambda folder, f=fitness, p=previous: {FITNESS: f if "challenger" in folder.parts else p})
+        # the gate's scoring is its seam: promote downloads the two versions under folders named <role>-v<version>
+        promote(uri, "m", lambda bundle, f=fitness, p=previous: {
+            FITNESS: f if any(part.startswith("challenger-v") for part in bundle.parts) else p
+        })
     assert aliases(uri, "m")["champion"] == "2"
 
     assert cli_main(["models", "m", "--tracking-uri", uri]) == 0

@@ -5,26 +5,39 @@ from tests.conftest import DEMO_CONFIG
 
 
 def test_deployment_carries_schedule_and_parameters():
-    from flows.deploy import build_deployment
+    from flows.deploy import build_deployment, make_schedule
 
-    deployment = build_deployment(str(DEMO_CONFIG), ["train.epochs=2"], cron="0 3 * * *")
+    deployment = build_deployment(str(DEMO_CONFIG), ["train.epochs=2"], schedule=make_schedule(cron="0 3 * * *"))
     assert deployment.parameters == {"config_path": str(DEMO_CONFIG), "overrides": ["train.epochs=2"]}
     (schedule,) = deployment.schedules
     assert schedule.schedule.cron == "0 3 * * *"
 
 
-def test_flow_runs_on_the_given_ray_cluster_or_a_private_local_one(monkeypatch):
+def test_each_kind_of_schedule_is_built():
+    from flows.deploy import make_schedule
+
+    assert make_schedule(interval_minutes=90).interval.total_seconds() == 5400
+    assert make_schedule(rrule="FREQ=WEEKLY;BYDAY=SA").rrule == "FREQ=WEEKLY;BYDAY=SA"
+    with pytest.raises(ConfigError, match="exactly one schedule"):
+        make_schedule(cron="0 3 * * *", interval_minutes=5)
+    with pytest.raises(ConfigError, match="must be positive"):
+        make_schedule(interval_minutes=0)
+
+
+def test_flow_runs_on_the_given_ray_cluster_or_a_private_local_one():
     from flows.deploy import flow_on_ray
+    from flows.pipeline import LocalOrClusterRayTaskRunner
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert flow_on_ray("ray://head:10001").task_runner.address == "ray://head:10001"
-    assert flow_on_ray().task_runner.address == "local"
+    assert isinstance(flow_on_ray().task_runner, LocalOrClusterRayTaskRunner)
+    assert flow_on_ray().task_runner.address is None  # RAY_ADDRESS, else a private local instance
+    on_cluster = flow_on_ray("ray://head:10001").task_runner
+    assert isinstance(on_cluster, LocalOrClusterRayTaskRunner) and on_cluster.address == "ray://head:10001"
 
 
-def test_deployment_refuses_bad_config_and_missing_schedule():
-    from flows.deploy import build_deployment
+def test_deployment_refuses_bad_config_and_credentials():
+    from flows.deploy import deployment_parameters
 
     with pytest.raises(ConfigError, match="train.epochz"):
-        build_deployment(str(DEMO_CONFIG), ["train.epochz=2"], cron="0 3 * * *")
-    with pytest.raises(ConfigError, match="exactly one schedule"):
-        build_deployment(str(DEMO_CONFIG))
+        deployment_parameters(str(DEMO_CONFIG), ["train.epochz=2"])
+    with pytest.raises(ConfigError, match="holds credentials"):
+        deployment_parameters(str(DEMO_CONFIG), ["tracking.uri=http://me:secret@mlflow:5000"])

@@ -42,8 +42,15 @@ def test_the_promotion_decision_shows_both_sides_and_the_data():
         "champion_after": "2",
         "challenger_metrics": {"val/segm_map": 0.41},
         "champion_metrics": {"val/segm_map": 0.45},
+        "split": "val",
+        "data_fingerprint": "abc123",
+        "min_improvement": 0.01,
+        "decided_by": "instseg promote by me@host (pid 1)",
+        "decided_at": "2026-11-28T01:00:00+0000",
+        "record_run_id": "r" * 32,
     }
-    text = promotion_markdown(result, "val", "abc123")
+    text = promotion_markdown(result)
     assert text.startswith("# m: kept champion\n")
-    assert "split `val` of the dataset with fingerprint `abc123`; `champion` is now v2" in text
+    assert "split `val` of the dataset with fingerprint `abc123` (minimum gain 0.01); `champion` is now v2" in text
+    assert "by instseg promote by me@host (pid 1)" in text and f"MLflow run `{'r' * 32}`" in text
     assert "| fitness | 0.50000 | 0.55000 |" in text and "| val/segm_map | 0.41000 | 0.45000 |" in text

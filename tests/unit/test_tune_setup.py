@@ -1,11 +1,13 @@
 """The study's searcher and scheduler come from the config (tune.search, tune.scheduler); the trial table says
-why each trial ended. (Each runs a real study in the integration tests: asha + optuna-tpe in test_tune, median +
-random in test_flow, none + optuna-cmaes in test_resilience.)"""
+why each trial ended. (Each runs a real study in the integration tests: asha + optuna-tpe and hyperband + bohb in
+test_tune, hyperband + random in test_tune_resume, median + random in test_flow, none + optuna-cmaes in
+test_resilience.)"""
 
 import optuna
 import pytest
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB, HyperBandScheduler, MedianStoppingRule
 from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search.bohb import TuneBOHB
 from ray.tune.search.optuna import OptunaSearch
 
 from instseg.config import load
@@ -20,10 +22,12 @@ from tuning.tune import TrialSummary, TuneSummary, _scheduler, _search, format_t
         ("optuna-tpe", OptunaSearch, optuna.samplers.TPESampler),
         ("optuna-cmaes", OptunaSearch, optuna.samplers.CmaEsSampler),
         ("random", BasicVariantGenerator, None),
+        ("bohb", TuneBOHB, None),
     ],
 )
 def test_each_search_is_built_and_seeded(setting, kind, sampler):
-    search = _search(load(DEMO_CONFIG, [f"tune.search={setting}", "tune.seed=7"]))
+    scheduler = "tune.scheduler=hyperband" if setting == "bohb" else "tune.scheduler=asha"
+    search = _search(load(DEMO_CONFIG, [f"tune.search={setting}", "tune.seed=7", scheduler]))
     assert isinstance(search, kind)
     if sampler is not None:
         assert isinstance(search._sampler, sampler)
@@ -33,8 +37,16 @@ def test_each_scheduler_is_built():
     assert isinstance(_scheduler(load(DEMO_CONFIG, ["tune.scheduler=asha"])), ASHAScheduler)
     assert isinstance(_scheduler(load(DEMO_CONFIG, ["tune.scheduler=median"])), MedianStoppingRule)
     assert type(_scheduler(load(DEMO_CONFIG, ["tune.scheduler=none"]))) is FIFOScheduler
+    assert type(_scheduler(load(DEMO_CONFIG, ["tune.scheduler=hyperband"]))) is HyperBandScheduler
+    bohb = _scheduler(load(DEMO_CONFIG, ["tune.scheduler=hyperband", "tune.search=bohb", "train.epochs=8"]))
+    assert type(bohb) is HyperBandForBOHB and bohb._max_t_attr == 8
     with pytest.raises(ConfigError, match="tune.scheduler"):
         load(DEMO_CONFIG, ["tune.scheduler=pbt2"])
+
+
+def test_bohb_without_its_hyperband_scheduler_is_refused():
+    with pytest.raises(ConfigError, match="tune.search=bohb needs tune.scheduler=hyperband"):
+        load(DEMO_CONFIG, ["tune.search=bohb", "tune.scheduler=asha"])
 
 
 def test_the_trial_table_says_why_each_trial_ended():
