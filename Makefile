@@ -20,7 +20,7 @@ demo: $(STAMP)
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/instseg flow run --config configs/demo.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -ra tests
+	$(BIN)/python -m pytest -ra --durations=20 tests
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -ra tests/unit

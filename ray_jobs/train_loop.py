@@ -32,7 +32,16 @@ from instseg.engine.progress import BarProgress, LineProgress, Progress
 from instseg.errors import first_line
 from instseg.metrics.coco_eval import CocoEvaluator
 from instseg.metrics.fitness import fitness
-from instseg.metrics.names import EARLY_STOPPED, EPOCH, EPOCH_TIME, FITNESS, LEARNING_RATE, TRAIN_LOSS_KEYS, val_key
+from instseg.metrics.names import (
+    EARLY_STOPPED,
+    EPOCH,
+    EPOCH_TIME,
+    FITNESS,
+    LEARNING_RATE,
+    SETUP_TIME,
+    TRAIN_LOSS_KEYS,
+    val_key,
+)
 from instseg.metrics.report import curve_metrics, write_overlay_grid, write_training_plots
 from instseg.metrics.results import RESULTS_CSV, EpochTable, results_csv
 from instseg.models import build_model
@@ -54,6 +63,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     continues from the latest checkpoint: weights, optimizer, LR schedule, fp16 scaler, epoch and
     early-stopping state. Per-epoch metrics reach MLflow through ray_jobs.epoch_logger, in step with
     the checkpoints."""
+    entered = time.perf_counter()
     cfg = Config.model_validate(loop_config["config"])
     quiet_ray_train_reports()
     context = ray.train.get_context()
@@ -118,6 +128,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     evaluator = CocoEvaluator(val_set.coco, label_map, backend=cfg.metrics.backend)
     table = EpochTable(cfg.train.epochs)
     progress_mode = loop_config.get("progress", "lines")
+    if logger is not None:
+        logger.log_metrics({SETUP_TIME: time.perf_counter() - entered}, step=start_epoch)
     for epoch in range(start_epoch, cfg.train.epochs):
         started = time.perf_counter()
         sampler = train_loader.batch_sampler if cfg.data.aspect_ratio_grouping else train_loader.sampler

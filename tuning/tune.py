@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -164,6 +165,14 @@ def _scheduler(cfg: Config) -> Any:
         # synchronous brackets: a trial that reached its rung waits (paused) for the rest of its bracket, then
         # continues from its checkpoint or stops; BOHB's searcher needs its own variant of the scheduler
         bracketing = HyperBandForBOHB if cfg.tune.search == "bohb" else HyperBandScheduler
+        smallest = smallest_halving_bracket(cfg.train.epochs, cfg.tune.reduction_factor)
+        if smallest is not None and cfg.tune.max_concurrent_trials < smallest:
+            print(
+                f"note: HyperBand halves brackets of {smallest}+ trials here, more than tune.max_concurrent_trials="
+                f"{cfg.tune.max_concurrent_trials} can hold at once (a paused trial still counts), so it will stop "
+                "no trial early: raise max_concurrent_trials or use tune.scheduler=asha",
+                file=sys.stderr, flush=True,
+            )
         return bracketing(time_attr=EPOCH, max_t=cfg.train.epochs, reduction_factor=cfg.tune.reduction_factor)
     if cfg.tune.scheduler == "median":
         return MedianStoppingRule(
@@ -176,10 +185,20 @@ def _scheduler(cfg: Config) -> Any:
     return FIFOScheduler()
 
 
+def smallest_halving_bracket(max_t: int, eta: int) -> int | None:
+    """Trials in the smallest HyperBand bracket that stops any (Ray's bracket sizes: s = 1, 2, ... while its first
+    rung max_t / eta^s is at least one epoch); None when there is none (max_t below eta)."""
+    s_max_1 = int(round(math.log(max_t) / math.log(eta))) + 1
+    sizes = [math.ceil(s_max_1 / (s + 1) * eta**s) for s in range(1, s_max_1) if int(max_t * eta**-s) >= 1]
+    return min(sizes) if sizes else None
+
+
 def _search(cfg: Config) -> Any:
     """tune.search: how each trial's values are chosen, seeded by tune.seed."""
     if cfg.tune.search == "random":
-        return BasicVariantGenerator(random_state=cfg.tune.seed)
+        # Tune applies max_concurrent_trials to Searchers only: this generator takes it itself, or every trial
+        # would start at once, and their worker groups would time out waiting for CPUs or GPUs
+        return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=cfg.tune.max_concurrent_trials)
     if cfg.tune.search == "bohb":
         return TuneBOHB(seed=cfg.tune.seed)
     if cfg.tune.search == "optuna-cmaes":
@@ -348,7 +367,8 @@ def _signals_stop_tune() -> Iterator[threading.Event]:
         print("stopping the study: ending its trials and saving its state (again to stop at once)", file=sys.stderr)
         os.kill(os.getpid(), signal.SIGUSR1)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signal.SIGUSR1: signal.getsignal(signal.SIGUSR1)}  # Tune's handler would outlive its fit()
+    previous.update({sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)})
     previous_env = os.environ.get(TUNE_SIGINT_VARIABLE)
     os.environ[TUNE_SIGINT_VARIABLE] = "1"  # Tune would replace our SIGINT handler with its own
     try:

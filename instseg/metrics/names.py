@@ -14,6 +14,9 @@ TRAIN_LOSS = "train/loss"
 WORKER_THROUGHPUT = "train/worker_images_per_s"  # training images per second per worker (mean over workers)
 EPOCH_TIME = "train/epoch_time_s"  # seconds the epoch took: training, validation and its plots
 LEARNING_RATE = "train/lr"  # at the end of the epoch (first parameter group)
+# seconds from the worker's loop entry to its first epoch (data, model, logging setup), per (re)start; the point's
+# MLflow timestamp is when that setup ended (bench/tune_efficiency.py splits a trial's fixed overhead with it)
+SETUP_TIME = "train/setup_s"
 
 # pycocotools COCOeval.stats order, under the names users know from torchmetrics / Ultralytics
 COCO_STAT_NAMES = (

@@ -124,3 +124,31 @@ def test_job_submission_without_the_token_is_refused(token_head):
     accepted = subprocess.run(command, env={**without, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)
     assert accepted.returncode == 0, accepted.stderr[-2000:]
     assert "submitted successfully" in accepted.stdout + accepted.stderr
+
+
+def test_the_cluster_flow_runs_the_study_as_a_job_and_promotes_its_best_trial(token_head, synth_root, tmp_path):
+    """flows.cluster on a real Prefect test server: the study is a Ray job on the token-auth head (the token from
+    a Prefect Secret block), its MLflow parent run comes back in the job's summary, and the best trial is
+    registered and promoted from there."""
+    from prefect.blocks.system import Secret
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.cluster import tune_on_cluster
+
+    address, token = token_head
+    overrides = [*isolated_overrides(synth_root, tmp_path), "train.epochs=1", "tune.num_samples=1",
+                 "tune.scheduler=none", "registry.model_name=cluster-model", "run_name=cluster-study"]
+    runtime_env = load_runtime_env(str(ROOT / "cluster" / "runtime_env.yaml"), str(ROOT))
+    runtime_env.pop("pip")  # the test venv already has them; the cluster's Python is this one
+    with prefect_test_harness(server_startup_timeout=120):
+        Secret(value=token).save("ray-token")
+        result = tune_on_cluster(str(DEMO_CONFIG.relative_to(ROOT)), address, overrides, runtime_env=runtime_env,
+                                 token_secret="ray-token", python=sys.executable)
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri)
+    study = client.get_run(result["tune"]["parent_run_id"])
+    assert study.info.run_name == "cluster-study" and study.info.status == "FINISHED"
+    version = client.get_model_version("cluster-model", result["registration"]["version"])
+    assert version.run_id == result["tune"]["best_run_id"] and version.tags["study_run_id"] == study.info.run_id
+    assert result["promotion"]["promoted"] and result["promotion"]["champion_after"] == str(version.version)

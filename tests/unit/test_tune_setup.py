@@ -13,7 +13,7 @@ from ray.tune.search.optuna import OptunaSearch
 from instseg.config import load
 from instseg.errors import ConfigError
 from tests.conftest import DEMO_CONFIG
-from tuning.tune import TrialSummary, TuneSummary, _scheduler, _search, format_trials
+from tuning.tune import TrialSummary, TuneSummary, _scheduler, _search, format_trials, smallest_halving_bracket
 
 
 @pytest.mark.parametrize(
@@ -31,6 +31,8 @@ def test_each_search_is_built_and_seeded(setting, kind, sampler):
     assert isinstance(search, kind)
     if sampler is not None:
         assert isinstance(search._sampler, sampler)
+    if setting == "random":  # Tune's max_concurrent_trials does not reach this one: it is given its own
+        assert search.max_concurrent == 2
 
 
 def test_each_scheduler_is_built():
@@ -42,6 +44,13 @@ def test_each_scheduler_is_built():
     assert type(bohb) is HyperBandForBOHB and bohb._max_t_attr == 8
     with pytest.raises(ConfigError, match="tune.scheduler"):
         load(DEMO_CONFIG, ["tune.scheduler=pbt2"])
+
+
+def test_hyperbands_smallest_halving_bracket_follows_rays_sizes():
+    # max_t 2, eta 2: one bracket of 2 trials halved after 1 epoch (the study in test_tune); max_t 8, eta 3: 5
+    # trials halved after 2 epochs (bench/tune_efficiency.py, where 2 trials at a time stopped none)
+    assert smallest_halving_bracket(2, 2) == 2 and smallest_halving_bracket(8, 3) == 5
+    assert smallest_halving_bracket(2, 3) is None
 
 
 def test_bohb_without_its_hyperband_scheduler_is_refused():
