@@ -100,7 +100,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--reduction-factor", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--schedulers", default=",".join(SCHEDULERS), help=f"comma-separated, from {','.join(SCHEDULERS)}")
+    names = ",".join(SCHEDULERS)
+    parser.add_argument("--schedulers", default=names, help=f"comma-separated, from {names}")
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
