@@ -13,15 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Mapping
 
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
-
 from instseg.config import Config
-from instseg.errors import InstsegError
-from instseg.redaction import redact
 from instseg.tracking.gate import PromotionResult, promote, who_decides
 from instseg.tracking.pyfunc_model import BUNDLE_ARTIFACT
-from instseg.tracking.registry import CHALLENGER, download_bundle, register_bundle
+from instseg.tracking.registry import download_bundle, register_bundle
 
 
 def register_run(tracking_uri: str, run_id: str, model_name: str, tags: Mapping[str, str] | None = None,
@@ -41,9 +36,6 @@ def promote_on_split(cfg: Config, model_name: str, version: str | None = None, d
     from instseg.evaluation import evaluate_on_split
     from instseg.models.bundle import load_bundle
 
-    if version is not None:
-        _make_challenger(cfg.tracking.uri, model_name, version)
-
     def score(bundle_dir: Path) -> dict[str, float]:
         model, label_map, _ = load_bundle(bundle_dir)
         return evaluate_on_split(
@@ -55,18 +47,6 @@ def promote_on_split(cfg: Config, model_name: str, version: str | None = None, d
         split=cfg.data.val_split, fingerprint=lambda: dataset_fingerprint(cfg.data.root, (cfg.data.val_split,)),
         decided_by=who_decides(decided_by),
     )
-
-
-def _make_challenger(tracking_uri: str, model_name: str, version: str) -> None:
-    client = MlflowClient(tracking_uri)
-    try:
-        client.get_model_version(model_name, str(version))
-    except MlflowException as exc:
-        raise InstsegError(
-            f"registered model '{model_name}' has no version {version} in {redact(tracking_uri)} "
-            f"(`instseg models {model_name}` lists them): {redact(exc.message.splitlines()[0])}"
-        ) from None
-    client.set_registered_model_alias(model_name, CHALLENGER, str(version))
 
 
 def describe(result: PromotionResult) -> str:

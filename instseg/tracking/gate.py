@@ -80,9 +80,10 @@ def promote(
     fingerprint: Callable[[], str] | None = None,
     decided_by: str | None = None,
 ) -> PromotionResult:
-    """Score `version` (default: the `challenger` alias) and the champion with `score(bundle_dir)` (their bundles
-    are downloaded into folders named `<role>-v<version>`), move `champion` if the challenger wins, and record
-    the decision. `fingerprint()` names the data `score` reads (checked before and after)."""
+    """Score `version` (made the `challenger` first; default: the one the alias points at) and the champion with
+    `score(bundle_dir)` (their bundles are downloaded into folders named `<role>-v<version>`), move `champion` if
+    the challenger wins, and record the decision. `fingerprint()` names the data `score` reads (checked before and
+    after)."""
     client = MlflowClient(tracking_uri)
     challenger = _challenger(client, model_name, version)
     data = fingerprint() if fingerprint else None
@@ -140,10 +141,14 @@ def _challenger(client: MlflowClient, model_name: str, version: str | None) -> A
             raise InstsegError(f"registered model '{model_name}' has no '{CHALLENGER}' alias: register a model first")
         return challenger
     try:
-        return client.get_model_version(model_name, str(version))
+        chosen = client.get_model_version(model_name, str(version))
     except MlflowException as exc:
-        raise InstsegError(f"registered model '{model_name}' has no version {version}: "
-                           f"{redact(exc.message.splitlines()[0])}") from None
+        raise InstsegError(
+            f"registered model '{model_name}' has no version {version} in {redact(client.tracking_uri)} "
+            f"(`instseg models {model_name}` lists them): {redact(exc.message.splitlines()[0])}"
+        ) from None
+    client.set_registered_model_alias(model_name, CHALLENGER, str(version))
+    return chosen
 
 
 def _commit(client: MlflowClient, model_name: str, judged_against: Any, challenger: Any, promoted: bool) -> bool:
