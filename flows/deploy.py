@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any, Sequence
 from uuid import UUID
 
+import httpx
 from prefect.deployments.runner import EntrypointType
 
 from flows.pipeline import GPU_LIMIT, LocalOrClusterRayTaskRunner, tune_register_promote
 from instseg.cli import parse_command
 from instseg.config import load
-from instseg.errors import ConfigError
+from instseg.errors import ConfigError, InstsegError, first_line
 from instseg.redaction import redact
 from ray_jobs.cli_common import run_cli
 
@@ -43,10 +44,14 @@ def make_schedule(cron: str | None = None, interval_minutes: float | None = None
 
     if sum(x is not None for x in (cron, interval_minutes, rrule)) != 1:
         raise ConfigError("give exactly one schedule: --cron, --interval-minutes or --rrule")
-    if cron is not None:
-        return Cron(cron)
-    if rrule is not None:
-        return RRule(rrule)
+    try:
+        if cron is not None:
+            return Cron(cron)
+        if rrule is not None:
+            return RRule(rrule)
+    except ValueError as exc:
+        option = "--cron" if cron is not None else "--rrule"
+        raise ConfigError(f"{option} {cron or rrule!r}: {first_line(exc)}") from None
     if interval_minutes <= 0:
         raise ConfigError(f"--interval-minutes must be positive (got {interval_minutes})")
     return Interval(timedelta(minutes=interval_minutes), anchor_date=start)
@@ -111,7 +116,15 @@ def deploy_to_pool(config_path: str, overrides: Sequence[str] = (), *, schedule:
     parameters = deployment_parameters(config_path, overrides)
     if gpu_slots < 1:
         raise ConfigError(f"--gpu-slots must be at least 1 (got {gpu_slots})")
-    asyncio.run(ensure_pool_and_gpu_limit(pool, gpu_slots))
+    try:
+        asyncio.run(ensure_pool_and_gpu_limit(pool, gpu_slots))
+    except (httpx.ConnectError, httpx.TimeoutException) as exc:
+        from prefect.settings import PREFECT_API_URL
+
+        raise InstsegError(
+            f"the Prefect API at {redact(str(PREFECT_API_URL.value() or 'its default'))} does not answer "
+            f"({first_line(exc)}): start one with `prefect server start`, or set PREFECT_API_URL"
+        ) from None
     return tune_register_promote.deploy(
         name=name,
         work_pool_name=pool,

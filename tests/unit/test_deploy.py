@@ -22,6 +22,21 @@ def test_each_kind_of_schedule_is_built():
         make_schedule(cron="0 3 * * *", interval_minutes=5)
     with pytest.raises(ConfigError, match="must be positive"):
         make_schedule(interval_minutes=0)
+    with pytest.raises(ConfigError, match="--cron 'not a cron': Invalid cron"):
+        make_schedule(cron="not a cron")
+    with pytest.raises(ConfigError, match="--rrule 'garbage'"):
+        make_schedule(rrule="garbage")
+
+
+def test_deploying_to_a_prefect_api_that_does_not_answer_is_one_line(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.deploy import deploy_to_pool, make_schedule
+    from instseg.errors import InstsegError
+
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # nothing listens on port 9
+        with pytest.raises(InstsegError, match=r"the Prefect API at http://127.0.0.1:9/api does not answer"):
+            deploy_to_pool(str(DEMO_CONFIG), schedule=make_schedule(cron="0 3 * * *"))
 
 
 def test_flow_runs_on_the_given_ray_cluster_or_a_private_local_one():
