@@ -159,6 +159,11 @@ class RegistryConfig(_Section):
     min_improvement: float = Field(0.0, ge=0.0)  # fitness a challenger must gain over the champion to replace it
 
 
+# what PBT may change between epochs: values a run restored from a checkpoint takes on as they are (the optimizer's
+# are applied over its restored state: instseg.engine.optim.apply_optimizer_settings)
+PBT_EXPLORABLE = ("train.lr", "train.weight_decay", "train.momentum", "train.grad_clip_norm", "data.hflip_prob")
+
+
 class SearchDimension(_Section):
     type: Literal["loguniform", "uniform", "choice", "randint"]
     low: float | None = None
@@ -171,10 +176,13 @@ class TuneConfig(_Section):
     max_concurrent_trials: int = Field(2, ge=1)
     seed: int = 0
     search: Literal["optuna-tpe", "optuna-cmaes", "random", "bohb"] = "optuna-tpe"
-    scheduler: Literal["asha", "hyperband", "median", "none"] = "asha"
+    scheduler: Literal["asha", "hyperband", "median", "pbt", "none"] = "asha"
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
     min_samples_required: int = Field(3, ge=1)  # median: trials that must have reached an epoch before it judges
+    perturbation_interval: int = Field(2, ge=1)  # pbt: epochs between exploit/explore steps
+    quantile_fraction: float = Field(0.25, gt=0.0, le=0.5)  # pbt: the bottom share clones the top share
+    resample_probability: float = Field(0.25, ge=0.0, le=1.0)  # pbt: draw a value anew instead of scaling it
     search_space: dict[str, SearchDimension] = Field(default_factory=dict)
 
 
@@ -214,6 +222,29 @@ class Config(_Section):
                 f"tune.search=bohb needs tune.scheduler=hyperband (got {self.tune.scheduler}): BOHB's searcher "
                 "learns from HyperBand's brackets"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _pbt_settings(self) -> "Config":
+        # PBT's population trains side by side in lockstep, and a weak trial continues from a strong one's checkpoint
+        # with explored values: only values a restored run can take on without changing its shape may be explored
+        if self.tune.scheduler != "pbt":
+            return self
+        problems = []
+        if self.tune.search != "random":
+            problems.append(f"tune.search=random (got {self.tune.search}: PBT explores by itself)")
+        if self.tune.num_samples > self.tune.max_concurrent_trials:
+            problems.append(
+                f"tune.num_samples ({self.tune.num_samples}) <= tune.max_concurrent_trials "
+                f"({self.tune.max_concurrent_trials}): the population trains at once"
+            )
+        if self.train.patience:
+            problems.append("train.patience=0 (PBT replaces weak trials instead of stopping them)")
+        fixed = sorted(set(self.tune.search_space) - set(PBT_EXPLORABLE))
+        if fixed:
+            problems.append(f"tune.search_space keys among {', '.join(PBT_EXPLORABLE)} (got {', '.join(fixed)})")
+        if problems:
+            raise ValueError(f"tune.scheduler=pbt needs {'; '.join(problems)}")
         return self
 
     @model_validator(mode="after")

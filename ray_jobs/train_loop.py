@@ -26,7 +26,7 @@ from instseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from instseg.engine.distributed import evaluate_sharded, from_rank_zero, gather_to_all, mean_across_ranks
 from instseg.engine.early_stopping import EarlyStopping
 from instseg.engine.loops import train_one_epoch, validation_loss
-from instseg.engine.optim import build_optimizer, build_scheduler
+from instseg.engine.optim import apply_optimizer_settings, build_optimizer, build_scheduler
 from instseg.engine.precision import apply_backend_flags, resolve_precision
 from instseg.engine.progress import BarProgress, LineProgress, Progress
 from instseg.errors import first_line
@@ -52,12 +52,16 @@ PLOTTED_IMAGES = 8  # validation images in the predictions grid
 PLOTTED_LOSSES = ("train/loss", "val/loss", *(f"train/{k}" for k in TRAIN_LOSS_KEYS))  # per epoch, in loss_curves.png
 OVERLAY_SCORE = 0.25  # detections drawn on them: Ultralytics' plotting threshold
 RESUMED_TAG = "instseg.resumed_from_epochs"  # every checkpoint epoch the run restarted from, in order
+# every checkpoint a PBT trial continued from, in order, as <trial id>@<epoch>
+CLONED_TAG = "instseg.pbt_cloned_from"
 NODES_TAG = "instseg.worker_nodes"  # Ray node id of each rank, in rank order, at the latest (re)start
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """loop_config: {"config": Config.model_dump(), "tracking_uri": str, "run_id": str, "progress": "bar" | "lines" |
-    "off"} (train.progress as the driver resolved it: only the driver knows whether a terminal is watching).
+    "off"} (train.progress as the driver resolved it: only the driver knows whether a terminal is watching), and
+    optionally "start_from": {"checkpoint": ray.train.Checkpoint, "source": trial id}: where a run without a
+    checkpoint of its own starts (PBT: another trial's weights, optimizer and schedule, with this config's values).
 
     Restarted by Ray Train after a worker or node failure (and by a rerun of the same run name), it
     continues from the latest checkpoint: weights, optimizer, LR schedule, fp16 scaler, epoch and
@@ -96,7 +100,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     nodes = gather_to_all(ray.get_runtime_context().get_node_id())
     if logger is not None:
         logger.set_tags({NODES_TAG: ",".join(nodes)})
-    restored = ray.train.get_checkpoint()
+    restored, cloned_from = ray.train.get_checkpoint(), None
+    if restored is None and loop_config.get("start_from"):
+        restored, cloned_from = loop_config["start_from"]["checkpoint"], loop_config["start_from"]["source"]
     system_metrics = None
     if cfg.tracking.system_metrics_s > 0 and context.get_local_rank() == 0:  # one monitor per node
         node_id = f"node_{context.get_node_rank()}" if len(set(nodes)) > 1 else None
@@ -113,12 +119,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        apply_optimizer_settings(optimizer, scheduler, cfg.train, cfg.effective_lr())
         precision.load_scaler_state(state.get("scaler", {}))
         stopper.load_state_dict(state.get("early_stopping", {}))
         start_epoch = int(state["epoch"])
         results = list(state.get("results", []))
         if logger is not None:
-            _record_resume(logger, state)
+            _record_resume(logger, state, cloned_from)
     elif logger is not None:
         _log_run_setup(logger, cfg, world_size, label_map, train_set, val_set)
         _log_datasets(logger, cfg, label_map, train_set, val_set)
@@ -226,12 +233,17 @@ def _log_datasets(logger: RunLogger, cfg: Config, label_map: Any, train_set: Any
     logger.log_dataset_inputs(cfg.data.root, fingerprint, splits)
 
 
-def _record_resume(logger: RunLogger, state: dict[str, Any]) -> None:
+def _record_resume(logger: RunLogger, state: dict[str, Any], cloned_from: str | None) -> None:
     """Rank 0 after a restore: tag the run, and log the checkpoint's epoch if MLflow lacks it (the
-    controller died between registering the checkpoint and logging it), so history has no gap."""
+    controller died between registering the checkpoint and logging it), so history has no gap. A run that
+    continues another's checkpoint (`cloned_from`, PBT) keeps its own metrics of that epoch."""
     epoch = int(state["epoch"])
     if epoch not in logger.logged_steps(FITNESS):
         logger.log_metrics(state["metrics"], step=epoch)
+    if cloned_from is not None:
+        logger.append_tag(CLONED_TAG, f"{cloned_from}@{epoch}")
+        print(f"continues from the checkpoint of epoch {epoch} of trial {cloned_from}", flush=True)
+        return
     logger.append_tag(RESUMED_TAG, epoch)
     print(f"resumed from the checkpoint of epoch {epoch}", flush=True)
 

@@ -140,16 +140,18 @@ def progress_mode(setting: str) -> str:
     return "bar" if sys.stdout.isatty() else "lines"
 
 
-def build_trainer(cfg: Config, *, tracking_uri: str, run_id: str, name: str, callbacks: list | None = None) -> TorchTrainer:
+def build_trainer(cfg: Config, *, tracking_uri: str, run_id: str, name: str, callbacks: list | None = None,
+                  start_from: dict[str, Any] | None = None) -> TorchTrainer:
     """cfg must have absolute paths (config.resolve_paths): workers run in another directory.
 
-    The same `name` and storage path restore the latest checkpoint (Ray Train's run snapshot);
-    `callbacks` run after the per-epoch MLflow logger (ray_jobs.epoch_logger)."""
+    The same `name` and storage path restore the latest checkpoint (Ray Train's run snapshot); a run of a new
+    name starts from `start_from` when given (see train_loop_per_worker); `callbacks` run after the per-epoch
+    MLflow logger (ray_jobs.epoch_logger)."""
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.model_dump(), "tracking_uri": tracking_uri, "run_id": run_id,
-            "progress": progress_mode(cfg.train.progress),
+            "progress": progress_mode(cfg.train.progress), "start_from": start_from,
         },
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(

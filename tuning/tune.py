@@ -1,5 +1,5 @@
 """Hyperparameter search on Ray Tune: Optuna (TPE or CMA-ES), random search or BOHB; ASHA, HyperBand or
-median-rule early stopping.
+median-rule early stopping, or population based training (tuning.pbt).
 
     instseg tune --config configs/demo.yaml [key=value ...]      # python -m tuning.tune is its alias
 
@@ -54,6 +54,7 @@ from instseg.tracking.runs import RunLogger, child_runs, create_run, resolve_tra
 from ray_jobs.cli_common import load_config, run_cli
 from ray_jobs.runtime import init_ray
 from ray_jobs.submit import print_result
+from ray_jobs.train_loop import CLONED_TAG
 from ray_jobs.trainer import (
     TrainingFailed,
     build_trainer,
@@ -64,6 +65,7 @@ from ray_jobs.trainer import (
     log_checkpoint_bundle,
     preflight,
 )
+from tuning.pbt import build_pbt, cloned_source, remove_copies
 from tuning.search_space import build_param_space
 
 # Orchestration layers (trial drivers, flow tasks) hold a sliver of CPU so that only Train
@@ -121,9 +123,15 @@ def trial_driver(
     cfg = with_values(Config.model_validate(base_config), params)
     trial_id = tune.get_context().get_trial_id()
     run_id = _open_trial_run(cfg, tracking_uri, parent_run_id, trial_id, driver)
-    trainer = build_trainer(
-        cfg, tracking_uri=tracking_uri, run_id=run_id, name=f"{study}-{trial_id}", callbacks=[TuneReportCallback()]
-    )
+    name, start_from = f"{study}-{trial_id}", None
+    cloned = tune.get_checkpoint()  # PBT: a copy of the checkpoint of the trial this one continues (tuning.pbt)
+    if cloned is not None:
+        # a Train run of its own: one of the trial's name would restore the trial's own latest checkpoint instead
+        name = f"{name}-from-{cloned_source(cloned)}-{Path(cloned.path).name}"
+        checkpoint = ray.train.Checkpoint(cloned.path, cloned.filesystem)
+        start_from = {"checkpoint": checkpoint, "source": cloned_source(cloned)}
+    trainer = build_trainer(cfg, tracking_uri=tracking_uri, run_id=run_id, name=name,
+                            callbacks=[TuneReportCallback()], start_from=start_from)
     fit_and_log(trainer, tracking_uri, run_id, closes_failed_runs=False)  # the study closes trial runs
 
 
@@ -158,9 +166,12 @@ def check_search_space(cfg: Config) -> None:
                 raise ConfigError(f"tune.search_space.{key}: {exc}") from None
 
 
-def _scheduler(cfg: Config) -> Any:
-    """tune.scheduler: which trials stop before train.epochs, judged on FITNESS per epoch."""
+def _scheduler(cfg: Config, study: str) -> Any:
+    """tune.scheduler: which trials stop before train.epochs (or, PBT, continue from better ones), judged on FITNESS
+    per epoch."""
     grace = min(cfg.tune.grace_period, cfg.train.epochs)
+    if cfg.tune.scheduler == "pbt":
+        return build_pbt(cfg, study)
     if cfg.tune.scheduler == "hyperband":
         # synchronous brackets: a trial that reached its rung waits (paused) for the rest of its bracket, then
         # continues from its checkpoint or stops; BOHB's searcher needs its own variant of the scheduler
@@ -226,6 +237,11 @@ def _summarise_trials(grid: Any, cfg: Config, runs_by_trial: dict[str, Any]) -> 
             status, reason = "completed", f"all {epochs} epochs"
         has_fitness = history is not None and FITNESS in history
         run = runs_by_trial.get(trial_id)
+        if run is not None and run.data.tags.get(CLONED_TAG):  # PBT: where its weights came from
+            reason += "; continued " + ", ".join(
+                f"trial {source} from epoch {epoch}" for source, epoch in
+                (step.rsplit("@", 1) for step in run.data.tags[CLONED_TAG].split(","))
+            )
         trials.append(
             TrialSummary(
                 trial_id=trial_id,
@@ -292,7 +308,7 @@ def run_tuning(cfg: Config) -> TuneSummary:
                 metric=FITNESS,
                 mode=FITNESS_MODE,
                 search_alg=_search(cfg),
-                scheduler=_scheduler(cfg),
+                scheduler=_scheduler(cfg, study),
                 num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=cfg.tune.max_concurrent_trials,
             ),
@@ -303,7 +319,7 @@ def run_tuning(cfg: Config) -> TuneSummary:
             grid = tuner.fit()
         if stopping.is_set() or grid.num_terminated + grid.num_errors < len(grid) or len(grid) < cfg.tune.num_samples:
             raise KeyboardInterrupt  # Tune stopped on a signal and returned what it had
-        return _finish_study(cfg, grid, tracking_uri, parent)
+        return _finish_study(cfg, grid, tracking_uri, parent, study)
     except KeyboardInterrupt:
         _end_study(tracking_uri, parent, "KILLED", "the study was interrupted")
         print(
@@ -399,7 +415,7 @@ def _end_study(tracking_uri: str, parent: RunLogger, status: str, note: str) -> 
         print(f"could not close the study's MLflow runs: {first_line(exc)}", file=sys.stderr, flush=True)
 
 
-def _finish_study(cfg: Config, grid: Any, tracking_uri: str, parent: RunLogger) -> TuneSummary:
+def _finish_study(cfg: Config, grid: Any, tracking_uri: str, parent: RunLogger, study: str) -> TuneSummary:
     """After a complete tuner.fit(): trial verdicts, the best trial's bundle, the study's metrics and table."""
     parent_run_id = parent.run_id
     children = child_runs(tracking_uri, parent_run_id)
@@ -445,6 +461,8 @@ def _finish_study(cfg: Config, grid: Any, tracking_uri: str, parent: RunLogger) 
         table.write_text(json.dumps([asdict(t) for t in trials], indent=2, default=str))
         parent.log_artifact(table)
     parent.finish("FINISHED")
+    if cfg.tune.scheduler == "pbt":
+        remove_copies(cfg.ray.storage_path, study)
     return summary
 
 

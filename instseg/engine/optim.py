@@ -33,3 +33,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                             cfg: TrainConfig, lr: float) -> None:
+    """After loading a checkpoint's optimizer and schedule: the configured base `lr`, weight decay and momentum
+    replace the stored ones, at the same point of the schedule. A no-op when they are the checkpoint's own; PBT
+    changes them when a trial continues from another trial's checkpoint."""
+    for group, stored_base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] *= lr / stored_base
+        group["initial_lr"] = lr
+        group["weight_decay"] = cfg.weight_decay
+        if "momentum" in group:
+            group["momentum"] = cfg.momentum
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)

@@ -1,18 +1,21 @@
 """The study's searcher and scheduler come from the config (tune.search, tune.scheduler); the trial table says
 why each trial ended. (Each runs a real study in the integration tests: asha + optuna-tpe and hyperband + bohb in
-test_tune, hyperband + random in test_tune_resume, median + random in test_flow, none + optuna-cmaes in
-test_resilience.)"""
+test_tune, pbt + random also in test_tune, hyperband + random in test_tune_resume, median + random in test_flow,
+none + optuna-cmaes in test_resilience.)"""
 
 import optuna
 import pytest
+import torch
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB, HyperBandScheduler, MedianStoppingRule
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.bohb import TuneBOHB
 from ray.tune.search.optuna import OptunaSearch
 
-from instseg.config import load
+from instseg.config import SearchDimension, TrainConfig, load
+from instseg.engine.optim import apply_optimizer_settings, build_optimizer, build_scheduler
 from instseg.errors import ConfigError
 from tests.conftest import DEMO_CONFIG
+from tuning.pbt import TrainCheckpointPBT, WithinSearchSpace
 from tuning.tune import TrialSummary, TuneSummary, _scheduler, _search, format_trials, smallest_halving_bracket
 
 
@@ -36,14 +39,74 @@ def test_each_search_is_built_and_seeded(setting, kind, sampler):
 
 
 def test_each_scheduler_is_built():
-    assert isinstance(_scheduler(load(DEMO_CONFIG, ["tune.scheduler=asha"])), ASHAScheduler)
-    assert isinstance(_scheduler(load(DEMO_CONFIG, ["tune.scheduler=median"])), MedianStoppingRule)
-    assert type(_scheduler(load(DEMO_CONFIG, ["tune.scheduler=none"]))) is FIFOScheduler
-    assert type(_scheduler(load(DEMO_CONFIG, ["tune.scheduler=hyperband"]))) is HyperBandScheduler
-    bohb = _scheduler(load(DEMO_CONFIG, ["tune.scheduler=hyperband", "tune.search=bohb", "train.epochs=8"]))
+    assert isinstance(_scheduler(load(DEMO_CONFIG, ["tune.scheduler=asha"]), "s"), ASHAScheduler)
+    assert isinstance(_scheduler(load(DEMO_CONFIG, ["tune.scheduler=median"]), "s"), MedianStoppingRule)
+    assert type(_scheduler(load(DEMO_CONFIG, ["tune.scheduler=none"]), "s")) is FIFOScheduler
+    assert type(_scheduler(load(DEMO_CONFIG, ["tune.scheduler=hyperband"]), "s")) is HyperBandScheduler
+    bohb = _scheduler(load(DEMO_CONFIG, ["tune.scheduler=hyperband", "tune.search=bohb", "train.epochs=8"]), "s")
     assert type(bohb) is HyperBandForBOHB and bohb._max_t_attr == 8
+    pbt = _scheduler(load(DEMO_CONFIG, [*PBT, "tune.perturbation_interval=3"]), "s")
+    assert type(pbt) is TrainCheckpointPBT and pbt._synch and pbt._perturbation_interval == 3
+    assert set(pbt._hyperparam_mutations) == {"train.lr", "train.weight_decay"} and pbt.study == "s"
     with pytest.raises(ConfigError, match="tune.scheduler"):
         load(DEMO_CONFIG, ["tune.scheduler=pbt2"])
+
+
+PBT = ["tune.scheduler=pbt", "tune.search=random", "tune.num_samples=2"]
+
+
+@pytest.mark.parametrize(
+    "overrides, needs",
+    [
+        (["tune.search=optuna-tpe"], "tune.search=random (got optuna-tpe"),
+        (["tune.num_samples=5", "tune.max_concurrent_trials=2"],
+         "tune.num_samples (5) <= tune.max_concurrent_trials (2)"),
+        (["train.patience=3"], "train.patience=0"),
+        (["tune.search_space={model.min_size: {type: choice, values: [128, 160]}}"], "(got model.min_size)"),
+    ],
+)
+def test_pbt_refuses_what_it_cannot_explore_or_run(overrides, needs):
+    with pytest.raises(ConfigError, match="tune.scheduler=pbt needs") as refused:
+        load(DEMO_CONFIG, [*PBT, *overrides])
+    assert needs in str(refused.value)
+
+
+def test_pbt_keeps_explored_values_in_the_search_space():
+    keep = WithinSearchSpace({
+        "train.lr": SearchDimension(type="loguniform", low=0.001, high=0.01),
+        "train.momentum": SearchDimension(type="uniform", low=0.8, high=0.95),
+        "data.batch_size": SearchDimension(type="randint", low=2, high=5),
+        "train.optimizer": SearchDimension(type="choice", values=["sgd", "adamw"]),
+    })
+    explored = keep({"train.lr": 0.012, "train.momentum": 0.64, "data.batch_size": 6, "train.optimizer": "adamw"})
+    assert explored == {"train.lr": 0.01, "train.momentum": 0.8, "data.batch_size": 4, "train.optimizer": "adamw"}
+    assert keep({"train.lr": 0.005, "train.momentum": 0.9})["train.lr"] == 0.005
+
+
+def test_restored_optimizer_takes_the_configured_values_at_the_same_point_of_its_schedule():
+    """PBT's explore step: another trial's optimizer and schedule state, with this trial's lr, decay and momentum."""
+    model = torch.nn.Linear(3, 2)
+    stored = TrainConfig(lr=0.01, weight_decay=1e-4, momentum=0.9, warmup_iters=4, epochs=2)
+    optimizer = build_optimizer(model, stored)
+    scheduler = build_scheduler(optimizer, stored, steps_per_epoch=5)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    state = optimizer.state_dict(), scheduler.state_dict()
+    lr_at_step_3 = optimizer.param_groups[0]["lr"]
+
+    explored = TrainConfig(lr=0.012, weight_decay=5e-4, momentum=0.8, warmup_iters=4, epochs=2)
+    optimizer = build_optimizer(model, explored)
+    scheduler = build_scheduler(optimizer, explored, steps_per_epoch=5)
+    optimizer.load_state_dict(state[0])
+    scheduler.load_state_dict(state[1])
+    apply_optimizer_settings(optimizer, scheduler, explored, lr=0.012)
+    group = optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(lr_at_step_3 * 1.2)
+    assert (group["weight_decay"], group["momentum"], scheduler.last_epoch) == (5e-4, 0.8, 3)
+    optimizer.step()
+    scheduler.step()  # the schedule goes on from step 3, scaled to the explored base value
+    assert group["lr"] == pytest.approx(0.012 * scheduler.lr_lambdas[0](4))
 
 
 def test_hyperbands_smallest_halving_bracket_follows_rays_sizes():
