@@ -13,6 +13,7 @@ training, tuning, flows and jobs run on Ray:
     instseg register NAME --run RUN_ID                        # or: instseg train ... --register NAME
     instseg promote NAME [--version V] --config configs/demo.yaml  # the gate: challenger vs champion
     instseg models NAME                                       # versions, aliases, fitness; instseg rollback NAME
+    instseg tracking serve --backend postgresql://... --artifacts DIR [--auth]  # the team's MLflow server
 
 `python -m ray_jobs.train`, `tuning.tune`, `flows.demo`, `flows.deploy` and `ray_jobs.submit` are aliases of
 train, tune, flow run, flow deploy and job submit. Every command reports a user's mistake as one line and
@@ -363,6 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--val-split", default="val", help="name of the new validation split (default val)")
     split.add_argument("--overwrite", action="store_true", help="replace existing splits of those names")
     split.set_defaults(handler=_split)
+
+    tracking = commands.add_parser("tracking", help="the MLflow tracking server a team shares")
+    trackings = tracking.add_subparsers(dest="tracking_command", required=True, metavar="COMMAND")
+    serve = trackings.add_parser("serve", help="run an MLflow server: PostgreSQL store, proxied artifacts, basic auth")
+    serve.add_argument("--backend", required=True, help="postgresql://USER@HOST:PORT/DB (or sqlite:////abs.db: one machine)")
+    serve.add_argument("--artifacts", required=True, help="where artifacts go, through the server: a folder or a URI")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    serve.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    serve.add_argument("--workers", type=int, default=2, help="server processes (default 2)")
+    serve.add_argument("--auth", action="store_true",
+                       help="MLflow basic auth; the admin's first password from MLFLOW_AUTH_ADMIN_PASSWORD")
+    serve.set_defaults(handler=_on_demand("instseg.tracking.server", "serve_command"))
 
     runs = commands.add_parser("runs", help="MLflow runs").add_subparsers(dest="runs_command", required=True)
     clean = runs.add_parser("clean", help="mark KILLED every RUNNING run whose driver is gone (SIGKILL, lost machine)")

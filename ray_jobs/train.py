@@ -25,6 +25,7 @@ from instseg.tracking.liveness import Heartbeat
 from instseg.tracking.runs import resolve_tracking_uri
 from ray_jobs.cli_common import load_config, run_cli
 from ray_jobs.runtime import init_ray
+from ray_jobs.shared_paths import check_shared_paths
 from ray_jobs.submit import print_result
 from ray_jobs.trainer import TrainSummary, build_trainer, fit_and_log, open_train_run, preflight
 
@@ -33,6 +34,7 @@ def run_training(cfg: Config) -> TrainSummary:
     """cfg with absolute paths -> a finished MLflow run and its best checkpoint (Ray started if needed)."""
     preflight(cfg)
     init_ray(cfg.ray.address)
+    check_shared_paths(cfg)  # on several nodes: every node sees the checkpoints and a sqlite store
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     name = cfg.run_name or time.strftime("train-%Y%m%d-%H%M%S")
     run_id, resumed = open_train_run(cfg, tracking_uri, name)

@@ -53,6 +53,7 @@ from instseg.tracking.liveness import DRIVER_TAGS, NOTE_TAG, Heartbeat, driver_t
 from instseg.tracking.runs import RunLogger, child_runs, create_run, resolve_tracking_uri
 from ray_jobs.cli_common import load_config, run_cli
 from ray_jobs.runtime import init_ray
+from ray_jobs.shared_paths import check_shared_paths
 from ray_jobs.submit import print_result
 from ray_jobs.train_loop import CLONED_TAG
 from ray_jobs.trainer import (
@@ -286,6 +287,7 @@ def run_tuning(cfg: Config) -> TuneSummary:
     check_search_space(cfg)
     preflight(cfg)
     init_ray(cfg.ray.address)
+    check_shared_paths(cfg)  # on several nodes: every node sees the checkpoints and a sqlite store
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     study = cfg.run_name or time.strftime("study-%Y%m%d-%H%M%S")
     parent, restore_from = _open_study_run(cfg, tracking_uri, study)

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SECTIONS = ("What you can run", "On a Ray cluster")
 # what the copy leaves out: what runtime_env and .gitignore leave out, and this machine's own state

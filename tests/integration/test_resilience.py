@@ -38,6 +38,7 @@ from tests.integration.test_faults import (
     steps,
     wait_for_epoch,
 )
+from tests.servers import stop_process_group
 
 pytestmark = pytest.mark.integration
 
@@ -93,14 +94,7 @@ class MlflowServer:
     def stop(self) -> None:
         if self.process is None:
             return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        except ProcessLookupError:
-            pass
+        stop_process_group(self.process, timeout=20)
         self.process = None
 
 
