@@ -66,7 +66,11 @@ def unseen_by_nodes(folders: dict[str, str]) -> dict[str, list[str]]:
             )
             for node_id, address in others.items()
         }
-        seen = dict(zip(probes, ray.get(list(probes.values()), timeout=PROBE_TIMEOUT_S)))
+        answered, _ = ray.wait(list(probes.values()), num_returns=len(probes), timeout=PROBE_TIMEOUT_S)
+        seen = {address: ray.get(probe) for address, probe in probes.items() if probe in answered}
+        for address in probes.keys() - seen.keys():  # busy or going away: not a verdict on the storage
+            print(f"note: node {address} did not answer within {PROBE_TIMEOUT_S:.0f} s whether it sees "
+                  f"{', '.join(folders.values())}; not checked there", flush=True)
     finally:
         for marker in markers.values():
             marker.unlink(missing_ok=True)
