@@ -104,7 +104,10 @@ def test_a_worker_killed_mid_epoch_restores_from_last_checkpoint(local_ray, long
     def kill_a_worker_in_epoch_two() -> None:
         wait_for_epoch(tracking_uri, "killed-worker", 1)  # epoch 1's checkpoint is registered: epoch 2 is running
         time.sleep(1.0)
-        (worker,) = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        # this test's own Ray, by address: without one the state API looks up "the" local cluster, which a stale
+        # record of another instance on the machine can point elsewhere (a GCS timeout in the thread)
+        (worker,) = list_actors(address=local_ray.get_runtime_context().gcs_address,
+                                filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         killed["pid"] = worker.pid
         os.kill(worker.pid, signal.SIGKILL)
 
