@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-unit test-integration clean
+.PHONY: install demo lint test test-slow test-unit test-integration clean
 
 install: $(STAMP)
 
@@ -21,7 +21,12 @@ demo: $(STAMP)
 
 # `make test` keeps under 30 minutes on 2 cores; the longest end-to-end checks (marker `slow`) run in
 # `make test-slow`, and .ci/run runs both
-test: $(STAMP)
+# formatting and lint (settings in pyproject.toml: 120 columns, sorted imports); `make test` runs it first
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -ra --durations=20 -m "not slow" tests
 
 test-slow: $(STAMP)

@@ -95,7 +95,9 @@ def check_identical(ours: CocoInstanceDataset, reference: ReferenceDataset) -> i
         image, target = ours[index]
         ref_image, ref = reference[index]
         assert target["image_id"] == ref["image_id"]
-        assert torch.equal(image, (ref_image * 255).round().to(torch.uint8)), f"pixels differ on image {ref['image_id']}"
+        assert torch.equal(image, (ref_image * 255).round().to(torch.uint8)), (
+            f"pixels differ on image {ref['image_id']}"
+        )
         assert torch.allclose(target["boxes"], ref["boxes"]), f"boxes differ on image {ref['image_id']}"
         categories = [ours.label_map.category_id(int(label)) for label in target["labels"]]
         assert categories == ref["labels"].tolist(), f"labels differ on image {ref['image_id']}"
@@ -105,7 +107,9 @@ def check_identical(ours: CocoInstanceDataset, reference: ReferenceDataset) -> i
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"), help="the shared data folder")
+    parser.add_argument(
+        "--shared", default=str(Path(__file__).resolve().parents[2] / "shared"), help="the shared data folder"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
@@ -139,8 +143,10 @@ def main() -> int:
     print(f"{'torchvision reference':<28}{ref_rate:>10.1f}{ref_bytes / 1e6:>12.2f}")
     print(f"{'instseg (first epoch)':<28}{cold_ours:>10.1f}{ours_bytes / 1e6:>12.2f}")
     print(f"{'instseg':<28}{ours_rate:>10.1f}{ours_bytes / 1e6:>12.2f}")
-    print(f"ratio instseg / reference: {ours_rate / ref_rate:.2f}x (first epoch {cold_ours / ref_rate:.2f}x), "
-          f"bytes per sample {ref_bytes / ours_bytes:.2f}x fewer")
+    print(
+        f"ratio instseg / reference: {ours_rate / ref_rate:.2f}x (first epoch {cold_ours / ref_rate:.2f}x), "
+        f"bytes per sample {ref_bytes / ours_bytes:.2f}x fewer"
+    )
     return 0
 
 

@@ -48,11 +48,15 @@ def make_outputs(dataset: CocoInstanceDataset, extra: int, seed: int = 0) -> lis
         fake_masks = torch.zeros(extra, 1, height, width)
         for i, (x1, y1, x2, y2) in enumerate(fake_boxes.long().tolist()):
             fake_masks[i, 0, y1:y2, x1:x2] = 0.8
-        labels = torch.cat([target["labels"], torch.randint(1, dataset.label_map.num_classes, (extra,), generator=generator)])
+        labels = torch.cat(
+            [target["labels"], torch.randint(1, dataset.label_map.num_classes, (extra,), generator=generator)]
+        )
         output = {
             "boxes": torch.cat([boxes, fake_boxes]),
             "labels": labels,
-            "scores": torch.cat([torch.rand(n, generator=generator) * 0.5 + 0.5, torch.rand(extra, generator=generator) * 0.6]),
+            "scores": torch.cat(
+                [torch.rand(n, generator=generator) * 0.5 + 0.5, torch.rand(extra, generator=generator) * 0.6]
+            ),
             "masks": torch.cat([masks, fake_masks]),
         }
         pairs.append(({"image_id": target["image_id"]}, output))
@@ -119,8 +123,15 @@ def repeated_results(dataset: CocoInstanceDataset, images: int, per_image: int, 
             polygon = [[x, y, x + w, y, x + w, y + h, x, y + h]]
             rle = mask_utils.merge(mask_utils.frPyObjects(polygon, height, width))
             rle["counts"] = rle["counts"].decode("ascii")
-            results.append({"image_id": n + 1, "category_id": category, "bbox": [x, y, w, h],
-                            "segmentation": rle, "score": float(rng.uniform(0.05, 1.0))})
+            results.append(
+                {
+                    "image_id": n + 1,
+                    "category_id": category,
+                    "bbox": [x, y, w, h],
+                    "segmentation": rle,
+                    "score": float(rng.uniform(0.05, 1.0)),
+                }
+            )
     return coco_from_dict(gt), results
 
 
@@ -152,7 +163,9 @@ def compare_backends(dataset: CocoInstanceDataset, images: int, per_image: int, 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"), help="the shared data folder")
+    parser.add_argument(
+        "--shared", default=str(Path(__file__).resolve().parents[2] / "shared"), help="the shared data folder"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median reported)")
     parser.add_argument("--extra", type=int, default=20, help="false detections added per image")
     parser.add_argument("--backend-images", type=int, default=1024, help="images in the backend comparison (0: skip)")

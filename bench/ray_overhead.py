@@ -27,7 +27,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TINY = ["model.arch=tiny", "model.weights=none", "model.min_size=128", "model.max_size=160", "data.batch_size=4", "train.warmup_iters=2"]
+TINY = [
+    "model.arch=tiny",
+    "model.weights=none",
+    "model.min_size=128",
+    "model.max_size=160",
+    "data.batch_size=4",
+    "train.warmup_iters=2",
+]
 
 
 def bare_loop(cfg, epochs: int) -> list[float]:
@@ -46,7 +53,10 @@ def bare_loop(cfg, epochs: int) -> list[float]:
     loader = build_loader(train_set, cfg.data, shuffle=True, seed=cfg.seed)
     optimizer = build_optimizer(model, cfg.train, lr=cfg.effective_lr())
     scheduler = build_scheduler(optimizer, cfg.train, len(loader))
-    return [train_one_epoch(model, optimizer, loader, torch.device("cpu"), scheduler)[WORKER_THROUGHPUT] for _ in range(epochs)]
+    return [
+        train_one_epoch(model, optimizer, loader, torch.device("cpu"), scheduler)[WORKER_THROUGHPUT]
+        for _ in range(epochs)
+    ]
 
 
 def ray_job(cfg) -> tuple[list[float], float, float]:
@@ -62,7 +72,9 @@ def ray_job(cfg) -> tuple[list[float], float, float]:
     fit_and_log(trainer, cfg.tracking.uri, run_id)
     wall = time.perf_counter() - started
     run = RunLogger(cfg.tracking.uri, run_id)
-    rates, epoch_times = ([value for _, value in sorted(run.history(key))] for key in (WORKER_THROUGHPUT, "train/epoch_time_s"))
+    rates, epoch_times = (
+        [value for _, value in sorted(run.history(key))] for key in (WORKER_THROUGHPUT, "train/epoch_time_s")
+    )
     return rates, wall, sum(epoch_times)
 
 
@@ -87,11 +99,21 @@ def main() -> int:
     ray.init(address="local", num_cpus=args.threads, log_to_driver=False)
 
     def config(run: str):
-        return resolve_paths(load(ROOT / "configs" / "demo.yaml", [
-            *TINY, f"data.root={work / 'synth'}", f"train.epochs={args.epochs}", f"run_name={run}",
-            f"tracking.uri=sqlite:///{work / 'mlflow.db'}", f"ray.storage_path={work / 'ray_results'}",
-            f"ray.cpus_per_worker={args.threads}", "tracking.experiment=bench-ray-overhead",
-        ]))
+        return resolve_paths(
+            load(
+                ROOT / "configs" / "demo.yaml",
+                [
+                    *TINY,
+                    f"data.root={work / 'synth'}",
+                    f"train.epochs={args.epochs}",
+                    f"run_name={run}",
+                    f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
+                    f"ray.storage_path={work / 'ray_results'}",
+                    f"ray.cpus_per_worker={args.threads}",
+                    "tracking.experiment=bench-ray-overhead",
+                ],
+            )
+        )
 
     bare_rates, ray_rates, fixed_costs, walls = [], [], [], []
     for round_index in range(args.rounds):
@@ -101,17 +123,26 @@ def main() -> int:
         ray_rates.append(rates[-1])
         walls.append(wall)
         fixed_costs.append(wall - in_epochs)
-        print(f"round {round_index + 1}: bare {bare[-1]:.2f} img/s, Ray Train worker {rates[-1]:.2f} img/s "
-              f"(ratio {rates[-1] / bare[-1]:.3f}); fit() {wall:.1f} s, of which outside epochs {wall - in_epochs:.1f} s", flush=True)
+        print(
+            f"round {round_index + 1}: bare {bare[-1]:.2f} img/s, Ray Train worker {rates[-1]:.2f} img/s "
+            f"(ratio {rates[-1] / bare[-1]:.3f}); fit() {wall:.1f} s, of which outside epochs {wall - in_epochs:.1f} s",
+            flush=True,
+        )
     ray.shutdown()
 
     ratio = statistics.median(r / b for r, b in zip(ray_rates, bare_rates))
-    print(f"\n{args.images * 3 // 4} training images x {args.epochs} epochs, batch 4, tiny model at 128 px, {args.threads} threads, "
-          f"median of {args.rounds} interleaved rounds (last epoch each):")
+    print(
+        f"\n{args.images * 3 // 4} training images x {args.epochs} epochs, batch 4, tiny model at 128 px, "
+        f"{args.threads} threads, "
+        f"median of {args.rounds} interleaved rounds (last epoch each):"
+    )
     print(f"  throughput inside the loop: Ray Train / bare PyTorch = {ratio:.3f} (goal >= 0.95)")
     print(f"  bare {statistics.median(bare_rates):.2f} img/s, Ray Train {statistics.median(ray_rates):.2f} img/s")
-    print(f"  fit() wall {statistics.median(walls):.1f} s; fixed cost outside epochs {statistics.median(fixed_costs):.1f} s "
-          f"(start-up, {args.epochs} reports + checkpoints, bundle logging, shutdown)")
+    print(
+        f"  fit() wall {statistics.median(walls):.1f} s; "
+        f"fixed cost outside epochs {statistics.median(fixed_costs):.1f} s "
+        f"(start-up, {args.epochs} reports + checkpoints, bundle logging, shutdown)"
+    )
     return 0
 
 

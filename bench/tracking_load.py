@@ -68,8 +68,10 @@ def load_test(uri: str, writers: int, epochs: int, metrics: int, epoch_s: float)
     run_ids = [client.create_run(experiment_id, run_name=f"w{writers}-{i}").info.run_id for i in range(writers)]
     context = multiprocessing.get_context("spawn")
     ready, start, out = context.Queue(), context.Event(), context.Queue()
-    processes = [context.Process(target=writer, args=(uri, run_id, epochs, metrics, epoch_s, ready, start, out))
-                 for run_id in run_ids]
+    processes = [
+        context.Process(target=writer, args=(uri, run_id, epochs, metrics, epoch_s, ready, start, out))
+        for run_id in run_ids
+    ]
     for process in processes:
         process.start()
     for _ in processes:  # every writer imported MLflow, reached the store and waits at the start line
@@ -89,10 +91,17 @@ def load_test(uri: str, writers: int, epochs: int, metrics: int, epoch_s: float)
             lost += len(set(range(1, epochs + 1)) - set(steps))
             duplicated += len(steps) - len(set(steps))
     return {
-        "calls": len(latencies), "errors": len(errors), "first_error": errors[0] if errors else "",
-        "p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95), "p99": percentile(latencies, 0.99),
-        "calls_s": len(latencies) / wall, "points_s": len(latencies) * metrics / wall, "lost": lost,
-        "duplicated": duplicated, "wall": wall,
+        "calls": len(latencies),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else "",
+        "p50": percentile(latencies, 0.5),
+        "p95": percentile(latencies, 0.95),
+        "p99": percentile(latencies, 0.99),
+        "calls_s": len(latencies) / wall,
+        "points_s": len(latencies) * metrics / wall,
+        "lost": lost,
+        "duplicated": duplicated,
+        "wall": wall,
     }
 
 
@@ -116,8 +125,15 @@ def main() -> int:
                 folder = Path(tmp, f"{store}-{count}")
                 folder.mkdir()
                 if store == "sqlite":
-                    rows.append((store, count, load_test(f"sqlite:///{folder / 'mlflow.db'}", count, args.epochs,
-                                                         args.metrics, args.epoch_s)))
+                    rows.append(
+                        (
+                            store,
+                            count,
+                            load_test(
+                                f"sqlite:///{folder / 'mlflow.db'}", count, args.epochs, args.metrics, args.epoch_s
+                            ),
+                        )
+                    )
                     continue
                 if postgres_unavailable():
                     print(f"postgresql skipped: {postgres_unavailable()}", file=sys.stderr)
@@ -136,12 +152,16 @@ def main() -> int:
 
     pace = f"one every {args.epoch_s:g} s" if args.epoch_s else "back to back"
     print(f"{args.epochs} batches of {args.metrics} metrics per writer, {pace}")
-    print(f"{'store':<11}{'writers':>8}{'calls':>7}{'failed':>7}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}"
-          f"{'calls/s':>9}{'points/s':>10}{'lost':>6}{'dup':>5}  first error")
+    print(
+        f"{'store':<11}{'writers':>8}{'calls':>7}{'failed':>7}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}"
+        f"{'calls/s':>9}{'points/s':>10}{'lost':>6}{'dup':>5}  first error"
+    )
     for store, count, r in rows:
-        print(f"{store:<11}{count:>8}{r['calls']:>7}{r['errors']:>7}{r['p50'] * 1000:>8.0f}{r['p95'] * 1000:>8.0f}"
-              f"{r['p99'] * 1000:>8.0f}{r['calls_s']:>9.1f}{r['points_s']:>10.0f}{r['lost']:>6}{r['duplicated']:>5}"
-              f"  {r['first_error'][:80]}")
+        print(
+            f"{store:<11}{count:>8}{r['calls']:>7}{r['errors']:>7}{r['p50'] * 1000:>8.0f}{r['p95'] * 1000:>8.0f}"
+            f"{r['p99'] * 1000:>8.0f}{r['calls_s']:>9.1f}{r['points_s']:>10.0f}{r['lost']:>6}{r['duplicated']:>5}"
+            f"  {r['first_error'][:80]}"
+        )
     return 0
 
 

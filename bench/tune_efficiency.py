@@ -29,8 +29,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TINY = ["model.arch=tiny", "model.weights=none", "model.min_size=128", "model.max_size=160", "data.batch_size=4",
-        "train.warmup_iters=2", "model.box_score_thresh=0.0", "model.box_detections_per_img=30"]
+TINY = [
+    "model.arch=tiny",
+    "model.weights=none",
+    "model.min_size=128",
+    "model.max_size=160",
+    "data.batch_size=4",
+    "train.warmup_iters=2",
+    "model.box_score_thresh=0.0",
+    "model.box_detections_per_img=30",
+]
 SCHEDULERS = {"fifo": "none", "asha": "asha", "hyperband": "hyperband", "median": "median"}
 
 
@@ -39,12 +47,24 @@ def run_study(name: str, scheduler: str, args: argparse.Namespace, data: Path, w
     from tuning.tune import run_tuning
 
     overrides = [
-        *TINY, f"data.root={data}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}", f"tracking.experiment={name}",
-        f"ray.storage_path={work / 'ray_results'}", f"train.epochs={args.epochs}", "train.progress=lines",
-        "train.plot_every=0", "tracking.system_metrics_s=0", f"tune.num_samples={args.trials}",
-        f"tune.max_concurrent_trials={args.concurrency}", "tune.search=random", f"tune.seed={args.seed}",
-        f"tune.scheduler={scheduler}", "tune.grace_period=1", f"tune.reduction_factor={args.reduction_factor}",
-        "tune.min_samples_required=3", f"run_name={name}",
+        *TINY,
+        f"data.root={data}",
+        f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
+        f"tracking.experiment={name}",
+        f"ray.storage_path={work / 'ray_results'}",
+        f"train.epochs={args.epochs}",
+        "train.progress=lines",
+        "train.plot_every=0",
+        "tracking.system_metrics_s=0",
+        f"tune.num_samples={args.trials}",
+        f"tune.max_concurrent_trials={args.concurrency}",
+        "tune.search=random",
+        f"tune.seed={args.seed}",
+        f"tune.scheduler={scheduler}",
+        "tune.grace_period=1",
+        f"tune.reduction_factor={args.reduction_factor}",
+        "tune.min_samples_required=3",
+        f"run_name={name}",
     ]
     cfg = resolve_paths(load(ROOT / "configs" / "demo.yaml", overrides))
     started = time.perf_counter()
@@ -74,13 +94,15 @@ def trial_points(tracking_uri: str, summary: Any) -> tuple[list[tuple[float, flo
         setup_end = setup[0].timestamp / 1000
         loop_entry = setup_end - setup[0].value
         first_report = history[0].timestamp / 1000
-        overheads.append({
-            "start": loop_entry - created,
-            "setup": setup[0].value,
-            "epoch": epoch_time[1],
-            "report": first_report - setup_end - epoch_time[1],
-            "total": first_report - created - epoch_time[1],
-        })
+        overheads.append(
+            {
+                "start": loop_entry - created,
+                "setup": setup[0].value,
+                "epoch": epoch_time[1],
+                "report": first_report - setup_end - epoch_time[1],
+                "total": first_report - created - epoch_time[1],
+            }
+        )
     return sorted(points), overheads
 
 
@@ -114,13 +136,19 @@ def main() -> None:
         for label in args.schedulers.split(","):
             study = run_study(f"bench-{label}", SCHEDULERS[label], args, work / "synth", work)
             points, overheads = trial_points(study["tracking_uri"], study["summary"])
-            results[label] = {"wall_s": study["wall_s"], "points": points, "overheads": overheads,
-                              "trials": len(study["summary"].trials)}
+            results[label] = {
+                "wall_s": study["wall_s"],
+                "points": points,
+                "overheads": overheads,
+                "trials": len(study["summary"].trials),
+            }
             print(f"{label}: {len(points)} trial-epochs in {study['wall_s']:.0f} s", flush=True)
 
     fifo_best = max(v for _, v in results["fifo"]["points"]) if "fifo" in results else None
-    print(f"\nsame {args.trials} random-search settings (seed {args.seed}), {args.epochs} epochs each, "
-          f"{args.concurrency} trials at a time, reduction factor {args.reduction_factor}")
+    print(
+        f"\nsame {args.trials} random-search settings (seed {args.seed}), {args.epochs} epochs each, "
+        f"{args.concurrency} trials at a time, reduction factor {args.reduction_factor}"
+    )
     header = f"{'scheduler':<10}{'trials':>7}{'trial-epochs':>14}{'wall s':>8}{'best':>9}"
     header += f"{'to FIFO best':>14}{'to 95%':>8}{'epochs vs FIFO':>16}"
     print(header)
@@ -131,8 +159,10 @@ def main() -> None:
         reach = epochs_to_reach(points, fifo_best) if fifo_best is not None else None
         near = epochs_to_reach(points, 0.95 * fifo_best) if fifo_best is not None else None
         ratio = f"{len(points) / len(results['fifo']['points']):.2f}" if "fifo" in results else "-"
-        print(f"{label:<10}{result['trials']:>7}{len(points):>14}{result['wall_s']:>8.0f}{best:>9.4f}"
-              f"{reach if reach is not None else 'never':>14}{near if near is not None else 'never':>8}{ratio:>16}")
+        print(
+            f"{label:<10}{result['trials']:>7}{len(points):>14}{result['wall_s']:>8.0f}{best:>9.4f}"
+            f"{reach if reach is not None else 'never':>14}{near if near is not None else 'never':>8}{ratio:>16}"
+        )
     if fifo_to_best is not None:
         print(f"(FIFO reached its own best after {fifo_to_best} trial-epochs)")
 
@@ -143,8 +173,10 @@ def main() -> None:
         if not parts:
             continue
         median = {key: statistics.median(p[key] for p in parts) for key in parts[0]}
-        print(f"{label:<10}{median['start']:>8.1f}{median['setup']:>8.1f}{median['report']:>8.1f}"
-              f"{median['total']:>10.1f}{median['epoch']:>9.1f}")
+        print(
+            f"{label:<10}{median['start']:>8.1f}{median['setup']:>8.1f}{median['report']:>8.1f}"
+            f"{median['total']:>10.1f}{median['epoch']:>9.1f}"
+        )
     print("goal: ASHA's trial-epochs <= 1/3 of FIFO's; overhead <= 5 s")
 
 

@@ -27,8 +27,9 @@ class StudyJobFailed(InstsegError):
 
 
 @task(name="tune-as-ray-job", timeout_seconds=TUNE_TIMEOUT_S)
-def tune_job_task(entrypoint: list[str], address: str, runtime_env: dict[str, Any] | None,
-                  token_secret: str | None) -> dict[str, Any]:
+def tune_job_task(
+    entrypoint: list[str], address: str, runtime_env: dict[str, Any] | None, token_secret: str | None
+) -> dict[str, Any]:
     """Submit the study, stream its log lines into the flow's logs, return its TuneSummary (as a dict)."""
     token = None
     if token_secret:

@@ -45,22 +45,31 @@ def print_summary(result: dict[str, Any], elapsed: float, data_root: str, val_sp
     previous = "none"
     if promo["champion_version"]:
         previous = f"{promo['champion_fitness']:.5f} (v{promo['champion_version']})"
-    print(f"promotion        challenger {promo['challenger_fitness']:.5f} vs champion {previous}: "
-          f"{'promoted' if promo['promoted'] else 'kept champion'}")
+    print(
+        f"promotion        challenger {promo['challenger_fitness']:.5f} vs champion {previous}: "
+        f"{'promoted' if promo['promoted'] else 'kept champion'}"
+    )
     print(f"aliases          {aliases(tracking_uri, reg['model_name'])}")
     champion = promo["challenger_metrics"] if promo["promoted"] else promo["champion_metrics"] or {}
     if champion:
-        print(f"champion         v{promo['champion_after']} on the {val_split} split: "
-              f"mask mAP50-95 {champion['val/segm_map']:.3f} (mAP50 {champion['val/segm_map50']:.3f}), "
-              f"box mAP50-95 {champion['val/bbox_map']:.3f} (mAP50 {champion['val/bbox_map50']:.3f})")
+        print(
+            f"champion         v{promo['champion_after']} on the {val_split} split: "
+            f"mask mAP50-95 {champion['val/segm_map']:.3f} (mAP50 {champion['val/segm_map50']:.3f}), "
+            f"box mAP50-95 {champion['val/bbox_map']:.3f} (mAP50 {champion['val/bbox_map50']:.3f})"
+        )
     shown = result["showcase"]
-    print(f"champion drawn   {os.path.relpath(shown['path']) if shown['path'] else shown['artifact_uri']} "
-          f"({val_split} image {shown['image_id']}; in MLflow as {shown['artifact_uri']})")
+    print(
+        f"champion drawn   {os.path.relpath(shown['path']) if shown['path'] else shown['artifact_uri']} "
+        f"({val_split} image {shown['image_id']}; in MLflow as {shown['artifact_uri']})"
+    )
     bin_dir = _bin_dir()
     print("\nLook around:")
     print(f"  {bin_dir}mlflow ui --backend-store-uri {reg['tracking_uri']}    # http://127.0.0.1:5000")
     print(f"  {bin_dir}prefect server start    # http://127.0.0.1:4200, flow '{FLOW_NAME}'")
-    print(f"  {bin_dir}instseg predict --model models:/{reg['model_name']}@champion {data_root}/images/val/*.jpg --out preds.json")
+    print(
+        f"  {bin_dir}instseg predict --model models:/{reg['model_name']}@champion "
+        f"{data_root}/images/val/*.jpg --out preds.json"
+    )
     print("=" * 78)
 
 

@@ -37,8 +37,12 @@ WORK_POOL = "instseg-process"
 PROJECT_DIR = Path(__file__).resolve().parents[1]  # what a worker runs the flow from
 
 
-def make_schedule(cron: str | None = None, interval_minutes: float | None = None, rrule: str | None = None,
-                  start: datetime | None = None) -> Any:
+def make_schedule(
+    cron: str | None = None,
+    interval_minutes: float | None = None,
+    rrule: str | None = None,
+    start: datetime | None = None,
+) -> Any:
     """Exactly one of cron, interval (first run at `start`, when given) or RFC 5545 rrule."""
     from prefect.schedules import Cron, Interval, RRule
 
@@ -79,8 +83,14 @@ def flow_on_ray(ray_address: str | None = None) -> Any:
     return tune_register_promote.with_options(task_runner=LocalOrClusterRayTaskRunner(address=ray_address))
 
 
-def build_deployment(config_path: str, overrides: Sequence[str] = (), *, schedule: Any, ray_address: str | None = None,
-                     name: str = DEPLOYMENT_NAME) -> Any:
+def build_deployment(
+    config_path: str,
+    overrides: Sequence[str] = (),
+    *,
+    schedule: Any,
+    ray_address: str | None = None,
+    name: str = DEPLOYMENT_NAME,
+) -> Any:
     """A RunnerDeployment served by this process (`--serve`)."""
     parameters = deployment_parameters(config_path, overrides)
     flow = flow_on_ray(ray_address)
@@ -109,8 +119,16 @@ async def ensure_pool_and_gpu_limit(pool: str, gpu_slots: int) -> None:
                 pass  # created meanwhile
 
 
-def deploy_to_pool(config_path: str, overrides: Sequence[str] = (), *, schedule: Any, pool: str = WORK_POOL,
-                   gpu_slots: int = 1, ray_address: str | None = None, name: str = DEPLOYMENT_NAME) -> UUID:
+def deploy_to_pool(
+    config_path: str,
+    overrides: Sequence[str] = (),
+    *,
+    schedule: Any,
+    pool: str = WORK_POOL,
+    gpu_slots: int = 1,
+    ray_address: str | None = None,
+    name: str = DEPLOYMENT_NAME,
+) -> UUID:
     """Register the deployment on `pool` (creating the pool and the `gpu` limit first); returns its id. A worker
     runs the flow from PROJECT_DIR; `ray_address` goes into the flow run's environment as RAY_ADDRESS."""
     parameters = deployment_parameters(config_path, overrides)
@@ -151,10 +169,18 @@ def deploy_command(args: argparse.Namespace) -> int:
 
         serve(build_deployment(args.config, args.overrides, schedule=schedule, ray_address=args.ray_address))
         return 0
-    deployment_id = deploy_to_pool(args.config, args.overrides, schedule=schedule, pool=args.pool,
-                                   gpu_slots=args.gpu_slots, ray_address=args.ray_address)
-    print(f"deployment {tune_register_promote.name}/{DEPLOYMENT_NAME} ({deployment_id}) on work pool {args.pool}; "
-          f"start a worker: prefect worker start --pool {args.pool}")
+    deployment_id = deploy_to_pool(
+        args.config,
+        args.overrides,
+        schedule=schedule,
+        pool=args.pool,
+        gpu_slots=args.gpu_slots,
+        ray_address=args.ray_address,
+    )
+    print(
+        f"deployment {tune_register_promote.name}/{DEPLOYMENT_NAME} ({deployment_id}) on work pool {args.pool}; "
+        f"start a worker: prefect worker start --pool {args.pool}"
+    )
     return 0
 
 

@@ -85,7 +85,8 @@ def tune_task(config: dict[str, Any]) -> dict[str, Any]:
     summary = run_tuning(cfg)
     experiment = MlflowClient(cfg.tracking.uri).get_experiment_by_name(cfg.tracking.experiment)
     create_markdown_artifact(
-        markdown=trials_markdown(summary, experiment.experiment_id if experiment else None), key=TRIALS_ARTIFACT,
+        markdown=trials_markdown(summary, experiment.experiment_id if experiment else None),
+        key=TRIALS_ARTIFACT,
         description=f"trials of study {summary.parent_run_id}",
     )
     return summary.to_dict()
@@ -99,8 +100,13 @@ def register_task(config: dict[str, Any], tuned: dict[str, Any]) -> dict[str, An
     tags = {"study_run_id": summary.parent_run_id, "trial_id": summary.best_trial_id}
     version = registered_from(cfg.tracking.uri, name, summary.best_run_id, tags)
     if version is None:
-        version = register_run(cfg.tracking.uri, summary.best_run_id, name, bundle_uri=summary.best_bundle_uri,
-                               tags={**tags, "tune_fitness": summary.best_fitness})
+        version = register_run(
+            cfg.tracking.uri,
+            summary.best_run_id,
+            name,
+            bundle_uri=summary.best_bundle_uri,
+            tags={**tags, "tune_fitness": summary.best_fitness},
+        )
     else:  # an earlier attempt registered it and failed after
         MlflowClient(cfg.tracking.uri).set_registered_model_alias(name, CHALLENGER, version)
     get_run_logger().info("registered %s version %s (challenger)", name, version)
@@ -114,7 +120,8 @@ def promote_task(config: dict[str, Any], registered: dict[str, Any]) -> dict[str
     result = promote_on_split(cfg, registered["model_name"], registered["version"], decided_by=decided_by)
     get_run_logger().info(describe(result))
     create_markdown_artifact(
-        markdown=promotion_markdown(result.to_dict()), key=PROMOTION_ARTIFACT,
+        markdown=promotion_markdown(result.to_dict()),
+        key=PROMOTION_ARTIFACT,
         description=describe(result),
     )
     return result.to_dict()

@@ -87,8 +87,13 @@ def _split(args: argparse.Namespace) -> int:
     from instseg.data.split import split_dataset
 
     counts = split_dataset(
-        Path(args.root), val_fraction=args.val, seed=args.seed, source=args.source,
-        group_by_folder=args.group_by_folder, train_split=args.train_split, val_split=args.val_split,
+        Path(args.root),
+        val_fraction=args.val,
+        seed=args.seed,
+        source=args.source,
+        group_by_folder=args.group_by_folder,
+        train_split=args.train_split,
+        val_split=args.val_split,
         overwrite=args.overwrite,
     )
     for split, c in counts.items():
@@ -108,9 +113,11 @@ def print_report(report: dict[str, Any], files: list[Path], out: str) -> None:
     """The one-line summary `instseg metrics` and `instseg val` print."""
     kind = report["iou_type"]
     key = f"{kind}_map"
-    print(f"{kind}: mAP50-95 {report[key]:.4f}  mAP50 {report[key + '50']:.4f}  P {report['precision']:.3f}  "
-          f"R {report['recall']:.3f}  F1 {report['f1']:.3f} at conf {report['best_confidence']:.3f}  "
-          f"Dice {report['dice']:.3f}")
+    print(
+        f"{kind}: mAP50-95 {report[key]:.4f}  mAP50 {report[key + '50']:.4f}  P {report['precision']:.3f}  "
+        f"R {report['recall']:.3f}  F1 {report['f1']:.3f} at conf {report['best_confidence']:.3f}  "
+        f"Dice {report['dice']:.3f}"
+    )
     print(f"wrote {len(files)} files to {out}")
 
 
@@ -125,7 +132,13 @@ def _metrics(args: argparse.Namespace) -> int:
         read_json_file(Path(args.results)), args.results, coco_gt.imgs, set(coco_gt.getCatIds()), args.iou_type
     )
     report, curves, matrix = evaluate_results(
-        coco_gt, results, args.iou_type, MetricsConfig().fitness_weights, args.conf, args.iou, args.backend,
+        coco_gt,
+        results,
+        args.iou_type,
+        MetricsConfig().fitness_weights,
+        args.conf,
+        args.iou,
+        args.backend,
         args.ultralytics,
     )
     names = [coco_gt.cats[c]["name"] for c in sorted(coco_gt.getCatIds())]
@@ -137,8 +150,18 @@ def _val(args: argparse.Namespace) -> int:
     from instseg.evaluation import score_model
 
     report, files = score_model(
-        args.model, Path(args.data), args.split, Path(args.out), args.iou_type, args.device, args.batch,
-        args.conf, args.iou, args.backend, args.tracking_uri, args.ultralytics,
+        args.model,
+        Path(args.data),
+        args.split,
+        Path(args.out),
+        args.iou_type,
+        args.device,
+        args.batch,
+        args.conf,
+        args.iou,
+        args.backend,
+        args.tracking_uri,
+        args.ultralytics,
     )
     print_report(report, files, args.out)
     return 0
@@ -148,12 +171,21 @@ def _predict(args: argparse.Namespace) -> int:
     from instseg.predict import predict
 
     summary = predict(
-        args.model, args.images, args.out, tracking_uri=args.tracking_uri, device=args.device, batch_size=args.batch,
-        conf=args.conf, gt=args.gt, save_images=args.save_images,
+        args.model,
+        args.images,
+        args.out,
+        tracking_uri=args.tracking_uri,
+        device=args.device,
+        batch_size=args.batch,
+        conf=args.conf,
+        gt=args.gt,
+        save_images=args.save_images,
     )
     drawn = f", drawn in {summary['drawn']}" if "drawn" in summary else ""
-    print(f"{summary['detections']} detections on {summary['images']} images ({summary['device']}) -> "
-          f"{summary['out']}{drawn}")
+    print(
+        f"{summary['detections']} detections on {summary['images']} images ({summary['device']}) -> "
+        f"{summary['out']}{drawn}"
+    )
     return 0
 
 
@@ -174,7 +206,10 @@ def _runs_clean(args: argparse.Namespace) -> int:
 def _add_format_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, default=None, help="dataset format (default: detected)")
     parser.add_argument(
-        "--names", default=None, help="YOLO class names: a data yaml, 'coco80', or 'a,b,c' (default: the yaml beside the data, else the 80 COCO names)"
+        "--names",
+        default=None,
+        help="YOLO class names: a data yaml, 'coco80', or 'a,b,c' "
+        "(default: the yaml beside the data, else the 80 COCO names)",
     )
 
 
@@ -230,8 +265,11 @@ def _evaluation_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--conf", type=float, default=0.25, help="confusion matrix confidence threshold (default 0.25)")
     parser.add_argument("--iou", type=float, default=0.45, help="confusion matrix IoU threshold (default 0.45)")
     parser.add_argument("--backend", choices=("faster", "pycocotools"), default="faster", help=BACKEND_HELP)
-    parser.add_argument("--ultralytics", action="store_true",
-                        help="P / R / F1 and confusion matrix exactly as Ultralytics 8.x computes them")
+    parser.add_argument(
+        "--ultralytics",
+        action="store_true",
+        help="P / R / F1 and confusion matrix exactly as Ultralytics 8.x computes them",
+    )
 
 
 def _inference_arguments(parser: argparse.ArgumentParser) -> None:
@@ -241,8 +279,9 @@ def _inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
 
 
-def _registry_command(commands: Any, name: str, help_text: str,
-                      handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+def _registry_command(
+    commands: Any, name: str, help_text: str, handler: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
     """A command about one registered model, found in the tracking server that --tracking-uri names."""
     parser = commands.add_parser(name, help=help_text)
     parser.add_argument("name", help=MODEL_NAME_HELP)
@@ -252,13 +291,19 @@ def _registry_command(commands: Any, name: str, help_text: str,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Mask R-CNN instance segmentation on Ray: train, tune, "
-                                     "evaluate, predict and manage models")
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Mask R-CNN instance segmentation on Ray: train, tune, evaluate, predict and manage models",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = _config_arguments(commands.add_parser("train", help="train on Ray Train (rerun a run_name to resume)"))
-    train.add_argument("--register", default=None, metavar="NAME",
-                       help="register the trained model as the next version of NAME (its challenger)")
+    train.add_argument(
+        "--register",
+        default=None,
+        metavar="NAME",
+        help="register the trained model as the next version of NAME (its challenger)",
+    )
     train.set_defaults(handler=_on_demand("ray_jobs.train", "train_command"))
     tune = _config_arguments(commands.add_parser("tune", help="search hyperparameters on Ray Tune + Optuna"))
     tune.set_defaults(handler=_on_demand("tuning.tune", "tune_command"))
@@ -267,15 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
     flows = flow.add_subparsers(dest="flow_command", required=True, metavar="COMMAND")
     run = _config_arguments(flows.add_parser("run", help="run the flow once, here (synthesizes the demo data)"))
     run.set_defaults(handler=_on_demand("flows.demo", "flow_command"))
-    deploy = _config_arguments(flows.add_parser(
-        "deploy", help="deploy the flow on a schedule to a Prefect work pool (PREFECT_API_URL), or serve it here"))
+    deploy = _config_arguments(
+        flows.add_parser(
+            "deploy", help="deploy the flow on a schedule to a Prefect work pool (PREFECT_API_URL), or serve it here"
+        )
+    )
     deploy.add_argument("--cron", default=None, help='cron schedule, e.g. "0 3 * * *" (daily at 03:00)')
     deploy.add_argument("--interval-minutes", type=float, default=None, help="run every N minutes")
     deploy.add_argument("--rrule", default=None, help="RFC 5545 recurrence rule")
     deploy.add_argument("--ray-address", default=None, help="Ray address (default: RAY_ADDRESS or a local instance)")
     deploy.add_argument("--pool", default="instseg-process", help="process work pool, created if missing")
-    deploy.add_argument("--gpu-slots", type=int, default=1,
-                        help="studies training at once: the `gpu` global concurrency limit, if it is created now")
+    deploy.add_argument(
+        "--gpu-slots",
+        type=int,
+        default=1,
+        help="studies training at once: the `gpu` global concurrency limit, if it is created now",
+    )
     deploy.add_argument("--serve", action="store_true", help="run the schedule in this process (no pool, no worker)")
     deploy.set_defaults(handler=_on_demand("flows.deploy", "deploy_command"))
 
@@ -305,8 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--out", default="preds.json", help="results JSON path (default preds.json)")
     pred.add_argument("--conf", type=float, default=0.0, help="keep detections scoring at least this (default 0: all)")
     pred.add_argument("--gt", default=None, help="COCO annotations: take each image's id from it, by file_name")
-    pred.add_argument("--save-images", default=None, metavar="DIR",
-                      help="draw masks, boxes, classes and scores on each image, written to DIR as PNG")
+    pred.add_argument(
+        "--save-images",
+        default=None,
+        metavar="DIR",
+        help="draw masks, boxes, classes and scores on each image, written to DIR as PNG",
+    )
     pred.set_defaults(handler=_predict)
 
     _registry_command(commands, "models", "a registered model's versions, aliases and promotion fitness", _models)
@@ -368,13 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
     tracking = commands.add_parser("tracking", help="the MLflow tracking server a team shares")
     trackings = tracking.add_subparsers(dest="tracking_command", required=True, metavar="COMMAND")
     serve = trackings.add_parser("serve", help="run an MLflow server: PostgreSQL store, proxied artifacts, basic auth")
-    serve.add_argument("--backend", required=True, help="postgresql://USER@HOST:PORT/DB (or sqlite:////abs.db: one machine)")
+    serve.add_argument(
+        "--backend", required=True, help="postgresql://USER@HOST:PORT/DB (or sqlite:////abs.db: one machine)"
+    )
     serve.add_argument("--artifacts", required=True, help="where artifacts go, through the server: a folder or a URI")
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0: all)")
     serve.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     serve.add_argument("--workers", type=int, default=2, help="server processes (default 2)")
-    serve.add_argument("--auth", action="store_true",
-                       help="MLflow basic auth; the admin's first password from MLFLOW_AUTH_ADMIN_PASSWORD")
+    serve.add_argument(
+        "--auth",
+        action="store_true",
+        help="MLflow basic auth; the admin's first password from MLFLOW_AUTH_ADMIN_PASSWORD",
+    )
     serve.set_defaults(handler=_on_demand("instseg.tracking.server", "serve_command"))
 
     runs = commands.add_parser("runs", help="MLflow runs").add_subparsers(dest="runs_command", required=True)

@@ -288,7 +288,7 @@ def _describe_error(error: dict[str, Any], source: str) -> str:
 
 
 def _unknown_key(dotted: str, section: type[BaseModel] | None) -> str:
-    """"unknown config key 'train.epoch' (did you mean train.epochs?)", else the keys allowed there."""
+    """ "unknown config key 'train.epoch' (did you mean train.epochs?)", else the keys allowed there."""
     close = difflib.get_close_matches(dotted, _dotted_keys(Config), n=1, cutoff=0.75)
     if close:
         return f"unknown config key '{dotted}' (did you mean {close[0]}?)"
@@ -471,12 +471,24 @@ def check_job_paths(cfg: Config, base: Path) -> None:
     if not Path(cfg.data.root).is_absolute() and not (base / cfg.data.root).exists():
         problems.append(("data.root", cfg.data.root, "where it is missing", f"data.root=$PWD/{cfg.data.root}"))
     if "://" not in cfg.ray.storage_path and not Path(cfg.ray.storage_path).is_absolute():
-        problems.append(("ray.storage_path", cfg.ray.storage_path, "so checkpoints would be deleted with the copy",
-                         f"ray.storage_path=$PWD/{cfg.ray.storage_path} (a folder every node mounts)"))
+        problems.append(
+            (
+                "ray.storage_path",
+                cfg.ray.storage_path,
+                "so checkpoints would be deleted with the copy",
+                f"ray.storage_path=$PWD/{cfg.ray.storage_path} (a folder every node mounts)",
+            )
+        )
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        problems.append(("tracking.uri", uri, "so the MLflow database would be deleted with the copy",
-                         f"tracking.uri=sqlite:///$PWD/{uri[len('sqlite:///'):]} or an MLflow server's URL"))
+        problems.append(
+            (
+                "tracking.uri",
+                uri,
+                "so the MLflow database would be deleted with the copy",
+                f"tracking.uri=sqlite:///$PWD/{uri[len('sqlite:///') :]} or an MLflow server's URL",
+            )
+        )
     if problems:
         key, value, why, fix = problems[0]
         more = f" (also: {', '.join(p[3] for p in problems[1:])})" if len(problems) > 1 else ""

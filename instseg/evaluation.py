@@ -43,8 +43,15 @@ def evaluate_on_split(
 
 
 @torch.inference_mode()
-def render_example(model: nn.Module, label_map: LabelMap, data: DataConfig, split: str, path: Path, title: str,
-                   device: torch.device | None = None) -> int:
+def render_example(
+    model: nn.Module,
+    label_map: LabelMap,
+    data: DataConfig,
+    split: str,
+    path: Path,
+    title: str,
+    device: torch.device | None = None,
+) -> int:
     """Ground truth beside `model`'s detections (score >= EXAMPLE_SCORE) for the split image with the most
     instances among its first EXAMPLE_CANDIDATES, written to `path` as PNG; returns that image's id."""
     device = device or torch.device("cpu")

@@ -160,8 +160,9 @@ def check_drawing_folder(paths: Sequence[Path], draw_dir: Path) -> None:
             raise InstsegError(f"--save-images {draw_dir}: {name} is already there (give a new or empty folder)")
 
 
-def draw_prediction(image: torch.Tensor, output: dict[str, torch.Tensor], label_map: LabelMap, path: Path,
-                    min_score: float) -> Path:
+def draw_prediction(
+    image: torch.Tensor, output: dict[str, torch.Tensor], label_map: LabelMap, path: Path, min_score: float
+) -> Path:
     """The image at its own size and aspect ratio with masks, boxes, class names and scores, a colour per class."""
     from torchvision.io import write_png
 

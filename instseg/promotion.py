@@ -19,8 +19,13 @@ from instseg.tracking.pyfunc_model import BUNDLE_ARTIFACT
 from instseg.tracking.registry import download_bundle, register_bundle
 
 
-def register_run(tracking_uri: str, run_id: str, model_name: str, tags: Mapping[str, str] | None = None,
-                 bundle_uri: str | None = None) -> str:
+def register_run(
+    tracking_uri: str,
+    run_id: str,
+    model_name: str,
+    tags: Mapping[str, str] | None = None,
+    bundle_uri: str | None = None,
+) -> str:
     """Register the bundle training run `run_id` logged (default runs:/RUN_ID/bundle) as the next version of
     `model_name`, now its challenger; returns the version."""
     with tempfile.TemporaryDirectory(prefix="instseg-register-") as tmp:
@@ -43,8 +48,13 @@ def promote_on_split(cfg: Config, model_name: str, version: str | None = None, d
         )
 
     return promote(
-        cfg.tracking.uri, model_name, score, version=version, min_improvement=cfg.registry.min_improvement,
-        split=cfg.data.val_split, fingerprint=lambda: dataset_fingerprint(cfg.data.root, (cfg.data.val_split,)),
+        cfg.tracking.uri,
+        model_name,
+        score,
+        version=version,
+        min_improvement=cfg.registry.min_improvement,
+        split=cfg.data.val_split,
+        fingerprint=lambda: dataset_fingerprint(cfg.data.root, (cfg.data.val_split,)),
         decided_by=who_decides(decided_by),
     )
 
@@ -52,7 +62,8 @@ def promote_on_split(cfg: Config, model_name: str, version: str | None = None, d
 def describe(result: PromotionResult) -> str:
     """One line: the two fitness values and the decision."""
     champion = (
-        f"champion v{result.champion_version} fitness {result.champion_fitness:.5f}" if result.champion_version
+        f"champion v{result.champion_version} fitness {result.champion_fitness:.5f}"
+        if result.champion_version
         else "no champion yet"
     )
     decision = "promoted" if result.promoted else "kept champion"

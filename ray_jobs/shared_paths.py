@@ -27,9 +27,9 @@ MARKER_PREFIX = ".instseg-shared-check-"
 def file_store_folder(tracking_uri: str) -> str | None:
     """The folder of a file-based MLflow store (sqlite file or file store), None for a server or database URI."""
     if tracking_uri.startswith("sqlite:///"):
-        return str(Path(tracking_uri[len("sqlite:///"):]).parent)
+        return str(Path(tracking_uri[len("sqlite:///") :]).parent)
     if tracking_uri.startswith("file://"):
-        return tracking_uri[len("file://"):]
+        return tracking_uri[len("file://") :]
     return None if "://" in tracking_uri else tracking_uri
 
 
@@ -69,8 +69,11 @@ def unseen_by_nodes(folders: dict[str, str]) -> dict[str, list[str]]:
         answered, _ = ray.wait(list(probes.values()), num_returns=len(probes), timeout=PROBE_TIMEOUT_S)
         seen = {address: ray.get(probe) for address, probe in probes.items() if probe in answered}
         for address in probes.keys() - seen.keys():  # busy or going away: not a verdict on the storage
-            print(f"note: node {address} did not answer within {PROBE_TIMEOUT_S:.0f} s whether it sees "
-                  f"{', '.join(folders.values())}; not checked there", flush=True)
+            print(
+                f"note: node {address} did not answer within {PROBE_TIMEOUT_S:.0f} s whether it sees "
+                f"{', '.join(folders.values())}; not checked there",
+                flush=True,
+            )
     finally:
         for marker in markers.values():
             marker.unlink(missing_ok=True)

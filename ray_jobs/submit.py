@@ -136,7 +136,9 @@ def submit_command(args: argparse.Namespace) -> int:
     entrypoint = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
     if not entrypoint:
         raise ConfigError("job submit: give the command to run after --, e.g. -- python -m instseg train --config ...")
-    outcome = submit_job(entrypoint, address=args.address, runtime_env=load_runtime_env(args.runtime_env, args.working_dir))
+    outcome = submit_job(
+        entrypoint, address=args.address, runtime_env=load_runtime_env(args.runtime_env, args.working_dir)
+    )
     print(json.dumps(redact_tree(outcome.to_dict()), indent=2, default=str))
     return 0 if outcome.succeeded else 1
 

@@ -44,7 +44,11 @@ def run_training(cfg: Config) -> TrainSummary:
         with Heartbeat(tracking_uri, run_id):
             return fit_and_log(trainer, tracking_uri, run_id)
     except KeyboardInterrupt:
-        print(f"stopped; the same command with run_name={name} resumes from the latest checkpoint", file=sys.stderr, flush=True)
+        print(
+            f"stopped; the same command with run_name={name} resumes from the latest checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
         raise
 
 
@@ -52,7 +56,10 @@ def train_command(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     summary = run_training(cfg)
     fit = summary.metrics.get(FITNESS)
-    print(f"run {summary.run_id} finished: {FITNESS} {fit if fit is None else round(fit, 5)}, model bundle {summary.bundle_uri}")
+    print(
+        f"run {summary.run_id} finished: {FITNESS} {fit if fit is None else round(fit, 5)}, "
+        f"model bundle {summary.bundle_uri}"
+    )
     if getattr(args, "register", None):
         register_trained(cfg, summary, args.register)
     print_result(summary.to_dict())
@@ -64,8 +71,9 @@ def register_trained(cfg: Config, summary: TrainSummary, model_name: str) -> str
     if summary.bundle_uri is None:
         raise InstsegError(f"run {summary.run_id} saved no checkpoint: no model to register as {model_name}")
     tags = {"source": "instseg train", "run_name": cfg.run_name or "", FITNESS: summary.metrics.get(FITNESS)}
-    version = register_run(resolve_tracking_uri(cfg.tracking.uri), summary.run_id, model_name, tags=tags,
-                           bundle_uri=summary.bundle_uri)
+    version = register_run(
+        resolve_tracking_uri(cfg.tracking.uri), summary.run_id, model_name, tags=tags, bundle_uri=summary.bundle_uri
+    )
     print(f"registered as {model_name} version {version} (challenger); `instseg promote {model_name}` runs the gate")
     return version
 

@@ -92,7 +92,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         train_loader = group_by_aspect_ratio(train_loader, train_set, cfg.data)
     optimizer = build_optimizer(core, cfg.train, lr=cfg.effective_lr())
     scheduler = build_scheduler(optimizer, cfg.train, len(train_loader))
-    precision = resolve_precision(cfg.train.amp, device, warn=lambda line: print(line, flush=True) if rank == 0 else None)
+    precision = resolve_precision(
+        cfg.train.amp, device, warn=lambda line: print(line, flush=True) if rank == 0 else None
+    )
     stopper = EarlyStopping(cfg.train.patience, cfg.train.min_delta)
     logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
 
@@ -106,8 +108,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     system_metrics = None
     if cfg.tracking.system_metrics_s > 0 and context.get_local_rank() == 0:  # one monitor per node
         node_id = f"node_{context.get_node_rank()}" if len(set(nodes)) > 1 else None
-        system_metrics = start_system_metrics(loop_config["tracking_uri"], loop_config["run_id"],
-                                              cfg.tracking.system_metrics_s, node_id, resume=restored is not None)
+        system_metrics = start_system_metrics(
+            loop_config["tracking_uri"],
+            loop_config["run_id"],
+            cfg.tracking.system_metrics_s,
+            node_id,
+            resume=restored is not None,
+        )
 
     start_epoch = 0
     # every epoch's metrics travel in the checkpoints: results.csv and the loss plots never depend on what
@@ -144,8 +151,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every rank
         progress = make_progress(progress_mode, epoch + 1, cfg.train.epochs) if rank == 0 else None
         train_metrics = mean_across_ranks(
-            train_one_epoch(model, optimizer, train_loader, device, scheduler, cfg.train.log_every, progress,
-                            precision=precision, grad_clip_norm=cfg.train.grad_clip_norm)
+            train_one_epoch(
+                model,
+                optimizer,
+                train_loader,
+                device,
+                scheduler,
+                cfg.train.log_every,
+                progress,
+                precision=precision,
+                grad_clip_norm=cfg.train.grad_clip_norm,
+            )
         )
         val_metrics, curves = validate(core, val_set, val_loader, cfg, device, evaluator)
         fit = fitness(val_metrics, cfg.metrics.fitness_weights)
@@ -170,11 +186,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 _log_overlay_grid(logger, label_map, val_set, evaluator, epoch + 1)
             if stop:
                 print(f"early stopping: {stopper.reason}", flush=True)
-                logger.set_tags({"instseg.early_stopped": "true", "instseg.stop_reason": stopper.reason, "instseg.stopped_epoch": epoch + 1})
+                logger.set_tags(
+                    {
+                        "instseg.early_stopped": "true",
+                        "instseg.stop_reason": stopper.reason,
+                        "instseg.stopped_epoch": epoch + 1,
+                    }
+                )
         state = {
-            "model": core, "optimizer": optimizer, "scheduler": scheduler, "epoch": epoch + 1, "config": stored_config,
-            "label_map": label_map.to_dict(), "metrics": metrics, "early_stopping": stopper.state_dict(),
-            "scaler": precision.scaler_state(), "results": results,
+            "model": core,
+            "optimizer": optimizer,
+            "scheduler": scheduler,
+            "epoch": epoch + 1,
+            "config": stored_config,
+            "label_map": label_map.to_dict(),
+            "metrics": metrics,
+            "early_stopping": stopper.state_dict(),
+            "scaler": precision.scaler_state(),
+            "results": results,
         }
         report_epoch(metrics, state if rank == 0 else None, epoch + 1)
         if stop:
@@ -193,11 +222,14 @@ def report_epoch(metrics: dict[str, float], checkpoint_state: dict[str, Any] | N
         save_checkpoint(Path(folder), **checkpoint_state)
         # results.csv rides with each checkpoint; the controller copies the latest beside them (ray_jobs.epoch_logger)
         (Path(folder) / RESULTS_CSV).write_text(results_csv(checkpoint_state["results"]))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=f"epoch_{epoch:04d}")
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=f"epoch_{epoch:04d}"
+        )
 
 
-def validate(core: torch.nn.Module, val_set: Any, val_loader: Any, cfg: Config, device: torch.device,
-             evaluator: CocoEvaluator) -> tuple[dict[str, float], Any]:
+def validate(
+    core: torch.nn.Module, val_set: Any, val_loader: Any, cfg: Config, device: torch.device, evaluator: CocoEvaluator
+) -> tuple[dict[str, float], Any]:
     """Validation metrics on every rank (computed on rank 0): COCO stats of the gathered shard
     predictions, mask P / R / F1 / Dice, validation losses; plus rank 0's curves (None elsewhere)."""
     # every rank predicts its shard of the validation set; rank 0 gathers them and computes
@@ -209,13 +241,26 @@ def validate(core: torch.nn.Module, val_set: Any, val_loader: Any, cfg: Config, 
     return from_rank_zero(val_metrics), curves
 
 
-def _log_run_setup(logger: RunLogger, cfg: Config, world_size: int, label_map: Any, train_set: Any, val_set: Any) -> None:
+def _log_run_setup(
+    logger: RunLogger, cfg: Config, world_size: int, label_map: Any, train_set: Any, val_set: Any
+) -> None:
     """Rank 0 of a fresh run: params (with the world size and the scaled LR), config, classes, skips."""
-    logger.log_params({**flatten(cfg), "ray.world_size": world_size, "train.global_batch": cfg.global_batch(),
-                       "train.effective_lr": cfg.effective_lr(), "torch.num_threads": torch.get_num_threads()})
+    logger.log_params(
+        {
+            **flatten(cfg),
+            "ray.world_size": world_size,
+            "train.global_batch": cfg.global_batch(),
+            "train.effective_lr": cfg.effective_lr(),
+            "torch.num_threads": torch.get_num_threads(),
+        }
+    )
     logger.log_dict(redact_tree(cfg.model_dump()), "config.yaml")
     logger.log_dict(label_map.to_dict(), "label_map.json")
-    skipped = {f"data/skipped_{split}_{kind}": n for split, ds in (("train", train_set), ("val", val_set)) for kind, n in ds.skipped.items()}
+    skipped = {
+        f"data/skipped_{split}_{kind}": n
+        for split, ds in (("train", train_set), ("val", val_set))
+        for kind, n in ds.skipped.items()
+    }
     if skipped:
         print(f"data.on_invalid=skip dropped: {skipped}", flush=True)
         logger.log_metrics(skipped, step=0)
@@ -225,10 +270,16 @@ def _log_datasets(logger: RunLogger, cfg: Config, label_map: Any, train_set: Any
     """Rank 0 of a fresh run: both splits as MLflow dataset inputs (fingerprint, images, instances, classes)."""
     fingerprint = dataset_fingerprint(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
     splits = {
-        context: {"split": name, "images": len(dataset), "instances": len(dataset.coco.getAnnIds(dataset.image_ids)),
-                  "classes": label_map.num_classes - 1}
-        for context, name, dataset in (("training", cfg.data.train_split, train_set),
-                                       ("validation", cfg.data.val_split, val_set))
+        context: {
+            "split": name,
+            "images": len(dataset),
+            "instances": len(dataset.coco.getAnnIds(dataset.image_ids)),
+            "classes": label_map.num_classes - 1,
+        }
+        for context, name, dataset in (
+            ("training", cfg.data.train_split, train_set),
+            ("validation", cfg.data.val_split, val_set),
+        )
     }
     logger.log_dataset_inputs(cfg.data.root, fingerprint, splits)
 
@@ -266,15 +317,30 @@ def _overlay_samples(val_set: Any, evaluator: CocoEvaluator) -> list[tuple[Any, 
     return samples
 
 
-def _log_plots(logger: RunLogger, results: list[dict[str, float]], curves_and_matrix: tuple[Any, Any],
-               label_map: Any, val_set: Any, evaluator: CocoEvaluator, metrics: dict[str, float]) -> None:
+def _log_plots(
+    logger: RunLogger,
+    results: list[dict[str, float]],
+    curves_and_matrix: tuple[Any, Any],
+    label_map: Any,
+    val_set: Any,
+    evaluator: CocoEvaluator,
+    metrics: dict[str, float],
+) -> None:
     """Rank 0, at the last epoch: confusion matrix, curves, loss curves and validation overlays to MLflow."""
     curves, matrix = curves_and_matrix
     losses = {key: [(int(epoch[EPOCH]), epoch[key]) for epoch in results if key in epoch] for key in PLOTTED_LOSSES}
     samples = _overlay_samples(val_set, evaluator)
     with tempfile.TemporaryDirectory(prefix="instseg-plots-") as folder:
-        plots = write_training_plots(Path(folder), curves, matrix, label_map, losses, samples, score=OVERLAY_SCORE,
-                                     coco_map50=metrics.get(val_key("segm", "map50")))
+        plots = write_training_plots(
+            Path(folder),
+            curves,
+            matrix,
+            label_map,
+            losses,
+            samples,
+            score=OVERLAY_SCORE,
+            coco_map50=metrics.get(val_key("segm", "map50")),
+        )
         for path in plots:
             logger.log_artifact(path, "plots")
 
@@ -289,8 +355,10 @@ def _log_overlay_grid(logger: RunLogger, label_map: Any, val_set: Any, evaluator
             with quick_requests():
                 logger.log_artifact(path, "plots")
         except Exception as exc:  # noqa: BLE001 (whatever the client raises for an unreachable server)
-            print(f"MLflow unreachable: the validation grid of epoch {epoch} is not logged ({first_line(exc, 200)})",
-                  flush=True)
+            print(
+                f"MLflow unreachable: the validation grid of epoch {epoch} is not logged ({first_line(exc, 200)})",
+                flush=True,
+            )
 
 
 def quiet_ray_train_reports() -> None:

@@ -62,7 +62,9 @@ def create_driver_run(cfg: Config, tracking_uri: str, name: str, kind: str) -> s
     """The MLflow run a driver (train entry point, tuning study) owns, tagged with its data and with who the
     driver is (instseg.tracking.liveness)."""
     return create_run(
-        tracking_uri, cfg.tracking.experiment, run_name=name,
+        tracking_uri,
+        cfg.tracking.experiment,
+        run_name=name,
         tags={"instseg.kind": kind, FINGERPRINT_TAG: _fingerprint(cfg), **driver_tags()},
     )
 
@@ -102,7 +104,8 @@ def open_train_run(cfg: Config, tracking_uri: str, name: str) -> tuple[str, bool
     if logged and "://" not in cfg.ray.storage_path and not checkpoint_folders(cfg, name):
         raise ConfigError(
             f"run_name '{name}' has {max(logged)} epoch(s) in MLflow run {run_id} but no checkpoint under "
-            f"{Path(cfg.ray.storage_path, name)}: it cannot resume without repeating logged epochs; choose a new run_name"
+            f"{Path(cfg.ray.storage_path, name)}: it cannot resume without repeating logged epochs; "
+            "choose a new run_name"
         )
     logger.reopen()
     logger.set_tags(driver_tags())
@@ -140,8 +143,15 @@ def progress_mode(setting: str) -> str:
     return "bar" if sys.stdout.isatty() else "lines"
 
 
-def build_trainer(cfg: Config, *, tracking_uri: str, run_id: str, name: str, callbacks: list | None = None,
-                  start_from: dict[str, Any] | None = None) -> TorchTrainer:
+def build_trainer(
+    cfg: Config,
+    *,
+    tracking_uri: str,
+    run_id: str,
+    name: str,
+    callbacks: list | None = None,
+    start_from: dict[str, Any] | None = None,
+) -> TorchTrainer:
     """cfg must have absolute paths (config.resolve_paths): workers run in another directory.
 
     The same `name` and storage path restore the latest checkpoint (Ray Train's run snapshot); a run of a new
@@ -150,8 +160,11 @@ def build_trainer(cfg: Config, *, tracking_uri: str, run_id: str, name: str, cal
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "config": cfg.model_dump(), "tracking_uri": tracking_uri, "run_id": run_id,
-            "progress": progress_mode(cfg.train.progress), "start_from": start_from,
+            "config": cfg.model_dump(),
+            "tracking_uri": tracking_uri,
+            "run_id": run_id,
+            "progress": progress_mode(cfg.train.progress),
+            "start_from": start_from,
         },
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(

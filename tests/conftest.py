@@ -42,8 +42,15 @@ def shared_dir() -> Path:
     return Path(os.environ.get("INSTSEG_SHARED", ROOT.parent / "shared"))
 
 
-_ISOLATED_ENV = {"HOME", "RAY_AUTH_MODE", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "MLFLOW_TRACKING_URI", "RAY_ADDRESS",
-                 LOOPBACK_ONLY}
+_ISOLATED_ENV = {
+    "HOME",
+    "RAY_AUTH_MODE",
+    "PREFECT_HOME",
+    "PREFECT_SERVER_ANALYTICS_ENABLED",
+    "MLFLOW_TRACKING_URI",
+    "RAY_ADDRESS",
+    LOOPBACK_ONLY,
+}
 _saved_env: dict[str, str | None] = {}
 
 
@@ -53,8 +60,13 @@ def pytest_configure(config: pytest.Config) -> None:
     home = Path(tempfile.mkdtemp(prefix="instseg-test-home-"))
     _saved_env.update({key: os.environ.get(key) for key in _ISOLATED_ENV})
     os.environ.update(
-        {"HOME": str(home), "RAY_AUTH_MODE": "token", "PREFECT_HOME": str(home / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-         LOOPBACK_ONLY: "0"}
+        {
+            "HOME": str(home),
+            "RAY_AUTH_MODE": "token",
+            "PREFECT_HOME": str(home / ".prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            LOOPBACK_ONLY: "0",
+        }
     )
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("RAY_ADDRESS", None)
@@ -146,8 +158,9 @@ def train_in_process(cfg: Config, dataset_class: type[CocoInstanceDataset] = Coc
     scheduler = build_scheduler(optimizer, cfg.train, len(loader))
     for epoch in range(cfg.train.epochs):
         loader.sampler.set_epoch(epoch)
-        train_one_epoch(model, optimizer, loader, torch.device("cpu"), scheduler,
-                        grad_clip_norm=cfg.train.grad_clip_norm)
+        train_one_epoch(
+            model, optimizer, loader, torch.device("cpu"), scheduler, grad_clip_norm=cfg.train.grad_clip_norm
+        )
     return model.eval()
 
 

@@ -53,8 +53,17 @@ class PostgresCluster:
             shutil.chown(self.folder, "postgres", "postgres")
         self._run(str(POSTGRES_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "mlflow", "--no-sync")
         options = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.folder} -c fsync=off"
-        self._run(str(POSTGRES_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.folder / "postgres.log"),
-                  "-o", options, "-w", "start")
+        self._run(
+            str(POSTGRES_BIN / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.folder / "postgres.log"),
+            "-o",
+            options,
+            "-w",
+            "start",
+        )
         return self
 
     def create_database(self, name: str) -> str:
@@ -72,16 +81,31 @@ class PostgresCluster:
 class TrackingServer:
     """`instseg tracking serve` on 127.0.0.1, its output in a log file; stop() ends its whole process group."""
 
-    def __init__(self, backend: str, artifacts: Path, auth: bool = False, admin_password: str | None = None,
-                 workers: int = 2) -> None:
+    def __init__(
+        self, backend: str, artifacts: Path, auth: bool = False, admin_password: str | None = None, workers: int = 2
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = artifacts.parent / f"tracking-server-{self.port}.log"
         env = {key: value for key, value in os.environ.items() if key != "MLFLOW_AUTH_ADMIN_PASSWORD"}
         if admin_password is not None:
             env["MLFLOW_AUTH_ADMIN_PASSWORD"] = admin_password
-        command = [sys.executable, "-m", "instseg.cli", "tracking", "serve", "--backend", backend, "--artifacts",
-                   str(artifacts), "--port", str(self.port), "--workers", str(workers), *(["--auth"] if auth else [])]
+        command = [
+            sys.executable,
+            "-m",
+            "instseg.cli",
+            "tracking",
+            "serve",
+            "--backend",
+            backend,
+            "--artifacts",
+            str(artifacts),
+            "--port",
+            str(self.port),
+            "--workers",
+            str(workers),
+            *(["--auth"] if auth else []),
+        ]
         artifacts.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=log, env=env, cwd=ROOT, start_new_session=True)

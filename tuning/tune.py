@@ -131,8 +131,14 @@ def trial_driver(
         name = f"{name}-from-{cloned_source(cloned)}-{Path(cloned.path).name}"
         checkpoint = ray.train.Checkpoint(cloned.path, cloned.filesystem)
         start_from = {"checkpoint": checkpoint, "source": cloned_source(cloned)}
-    trainer = build_trainer(cfg, tracking_uri=tracking_uri, run_id=run_id, name=name,
-                            callbacks=[TuneReportCallback()], start_from=start_from)
+    trainer = build_trainer(
+        cfg,
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+        name=name,
+        callbacks=[TuneReportCallback()],
+        start_from=start_from,
+    )
     fit_and_log(trainer, tracking_uri, run_id, closes_failed_runs=False)  # the study closes trial runs
 
 
@@ -183,7 +189,8 @@ def _scheduler(cfg: Config, study: str) -> Any:
                 f"note: HyperBand halves brackets of {smallest}+ trials here, more than tune.max_concurrent_trials="
                 f"{cfg.tune.max_concurrent_trials} can hold at once (a paused trial still counts), so it will stop "
                 "no trial early: raise max_concurrent_trials or use tune.scheduler=asha",
-                file=sys.stderr, flush=True,
+                file=sys.stderr,
+                flush=True,
             )
         return bracketing(time_attr=EPOCH, max_t=cfg.train.epochs, reduction_factor=cfg.tune.reduction_factor)
     if cfg.tune.scheduler == "median":
@@ -240,8 +247,8 @@ def _summarise_trials(grid: Any, cfg: Config, runs_by_trial: dict[str, Any]) -> 
         run = runs_by_trial.get(trial_id)
         if run is not None and run.data.tags.get(CLONED_TAG):  # PBT: where its weights came from
             reason += "; continued " + ", ".join(
-                f"trial {source} from epoch {epoch}" for source, epoch in
-                (step.rsplit("@", 1) for step in run.data.tags[CLONED_TAG].split(","))
+                f"trial {source} from epoch {epoch}"
+                for source, epoch in (step.rsplit("@", 1) for step in run.data.tags[CLONED_TAG].split(","))
             )
         trials.append(
             TrialSummary(
@@ -269,8 +276,13 @@ def _close_trial_runs(tracking_uri: str, trials: list[TrialSummary], run_ids: li
         status = trial.status if trial else "error"
         reason = trial.reason if trial else "the trial ended before its first epoch was reported"
         logger = RunLogger(tracking_uri, run_id)
-        logger.set_tags({STOPPED_EARLY_TAG: str(status == "stopped_early").lower(), "instseg.trial_status": status,
-                         TRIAL_REASON_TAG: reason})
+        logger.set_tags(
+            {
+                STOPPED_EARLY_TAG: str(status == "stopped_early").lower(),
+                "instseg.trial_status": status,
+                TRIAL_REASON_TAG: reason,
+            }
+        )
         if logger.status() != final[status]:
             logger.finish(final[status])
 
@@ -295,8 +307,12 @@ def run_tuning(cfg: Config) -> TuneSummary:
     print(f"study {study} ({action}): MLflow parent run {parent.run_id} ({redact(tracking_uri)})", flush=True)
 
     driver = tune.with_parameters(
-        trial_driver, base_config=cfg.model_dump(), tracking_uri=tracking_uri, parent_run_id=parent.run_id,
-        study=study, driver={key: value for key, value in parent.tags().items() if key in DRIVER_TAGS},
+        trial_driver,
+        base_config=cfg.model_dump(),
+        tracking_uri=tracking_uri,
+        parent_run_id=parent.run_id,
+        study=study,
+        driver={key: value for key, value in parent.tags().items() if key in DRIVER_TAGS},
     )
     trainable = tune.with_resources(driver, {"cpu": ORCHESTRATION_CPUS})
     if restore_from:
@@ -326,7 +342,8 @@ def run_tuning(cfg: Config) -> TuneSummary:
         _end_study(tracking_uri, parent, "KILLED", "the study was interrupted")
         print(
             f"study {study} interrupted: its runs are marked KILLED; rerun with run_name={study} to resume it",
-            file=sys.stderr, flush=True,
+            file=sys.stderr,
+            flush=True,
         )
         raise
     except BaseException as exc:
@@ -345,7 +362,8 @@ def _open_study_run(cfg: Config, tracking_uri: str, study: str) -> tuple[RunLogg
         return parent, None
     check_resumable(cfg, existing, study)
     changed = [
-        key for key, value in flatten(cfg).items()
+        key
+        for key, value in flatten(cfg).items()
         if key in existing.data.params and key not in RESUME_MAY_CHANGE and existing.data.params[key] != str(value)
     ]
     if changed:
@@ -485,7 +503,10 @@ def format_trials(summary: TuneSummary) -> str:
 def tune_command(args: argparse.Namespace) -> int:
     summary = run_tuning(load_config(args))
     print(format_trials(summary))
-    print(f"best trial {summary.best_trial_id}: {FITNESS} {summary.best_fitness:.5f}, model bundle {summary.best_bundle_uri}")
+    print(
+        f"best trial {summary.best_trial_id}: {FITNESS} {summary.best_fitness:.5f}, "
+        f"model bundle {summary.best_bundle_uri}"
+    )
     print_result(summary.to_dict())
     return 0
 

@@ -19,7 +19,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None)
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over `warmup_iters`, then cosine decay to 1% (or constant) until the last epoch."""
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(cfg.warmup_iters, total // 2)
@@ -35,8 +37,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def apply_optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
-                             cfg: TrainConfig, lr: float) -> None:
+def apply_optimizer_settings(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: TrainConfig, lr: float
+) -> None:
     """After loading a checkpoint's optimizer and schedule: the configured base `lr`, weight decay and momentum
     replace the stored ones, at the same point of the schedule. A no-op when they are the checkpoint's own; PBT
     changes them when a trial continues from another trial's checkpoint."""

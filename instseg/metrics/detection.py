@@ -61,8 +61,13 @@ def same_class_iou(iou: np.ndarray, pred_classes: np.ndarray, true_classes: np.n
     return iou * (true_classes[:, None] == pred_classes[None, :]) if iou.size else iou
 
 
-def match_predictions(pred_classes: np.ndarray, true_classes: np.ndarray, iou: np.ndarray,
-                      thresholds: np.ndarray = IOU_THRESHOLDS, ultralytics: bool = False) -> np.ndarray:
+def match_predictions(
+    pred_classes: np.ndarray,
+    true_classes: np.ndarray,
+    iou: np.ndarray,
+    thresholds: np.ndarray = IOU_THRESHOLDS,
+    ultralytics: bool = False,
+) -> np.ndarray:
     """bool [n_pred, n_thresholds]: prediction i is a true positive (same class) at threshold t; `ultralytics`
     pairs them as Ultralytics does (first_index_matches)."""
     pairs = first_index_matches if ultralytics else greedy_matches
@@ -121,8 +126,14 @@ def smooth(values: np.ndarray, fraction: float = F1_SMOOTHING) -> np.ndarray:
     return np.convolve(padded, np.ones(window) / window, mode="valid")
 
 
-def ap_per_class(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray, eps: float = 1e-16,
-                 smooth_f1: bool = False) -> ClassCurves:
+def ap_per_class(
+    tp: np.ndarray,
+    conf: np.ndarray,
+    pred_cls: np.ndarray,
+    target_cls: np.ndarray,
+    eps: float = 1e-16,
+    smooth_f1: bool = False,
+) -> ClassCurves:
     """tp [n_pred, 10] from match_predictions, with each prediction's confidence and class; target_cls
     holds the class of every ground truth instance. `smooth_f1` picks the best confidence on the smoothed
     mean F1 curve, as Ultralytics does (the curves themselves are not smoothed)."""
@@ -132,7 +143,11 @@ def ap_per_class(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_
     nc = len(classes)
     x = np.linspace(0, 1, CURVE_POINTS)
     ap = np.zeros((nc, tp.shape[1]))
-    p_curve, r_curve, pr_curve = np.zeros((nc, CURVE_POINTS)), np.zeros((nc, CURVE_POINTS)), np.zeros((nc, CURVE_POINTS))
+    p_curve, r_curve, pr_curve = (
+        np.zeros((nc, CURVE_POINTS)),
+        np.zeros((nc, CURVE_POINTS)),
+        np.zeros((nc, CURVE_POINTS)),
+    )
     for ci, c in enumerate(classes):
         mine = pred_cls == c
         if not mine.any():
@@ -161,10 +176,15 @@ class ConfusionMatrix:
         self.nc, self.conf, self.iou = nc, conf, iou
         self.matrix = np.zeros((nc + 1, nc + 1), dtype=np.int64)
 
-    def process(self, pred_classes: np.ndarray, pred_conf: np.ndarray, true_classes: np.ndarray, iou: np.ndarray) -> None:
+    def process(
+        self, pred_classes: np.ndarray, pred_conf: np.ndarray, true_classes: np.ndarray, iou: np.ndarray
+    ) -> None:
         """One image: classes as 0-based indices, iou [n_true, n_pred]."""
         keep = pred_conf > self.conf
-        pred_classes, iou = pred_classes[keep], iou[:, keep] if iou.size else np.zeros((len(true_classes), int(keep.sum())))
+        pred_classes, iou = (
+            pred_classes[keep],
+            iou[:, keep] if iou.size else np.zeros((len(true_classes), int(keep.sum()))),
+        )
         if len(true_classes) == 0:
             np.add.at(self.matrix, (pred_classes, self.nc), 1)
             return
@@ -188,8 +208,14 @@ class ConfusionMatrix:
         return self.matrix / np.maximum(self.matrix.sum(0, keepdims=True), 1)
 
 
-def matched_dice(pred_areas: np.ndarray, true_areas: np.ndarray, intersections: np.ndarray, iou: np.ndarray,
-                 pred_classes: np.ndarray, true_classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def matched_dice(
+    pred_areas: np.ndarray,
+    true_areas: np.ndarray,
+    intersections: np.ndarray,
+    iou: np.ndarray,
+    pred_classes: np.ndarray,
+    true_classes: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """(Dice 2|A∩B| / (|A| + |B|), true class) of each same-class pair matched at IoU 0.5 in one image."""
     if iou.size == 0:
         return np.zeros(0), np.zeros(0, dtype=int)

@@ -51,8 +51,15 @@ def plot_confusion_matrix(matrix: ConfusionMatrix, names: list[str], out: Path) 
             threshold = values.max() / 2 if values.size else 0
             for (row, column), value in np.ndenumerate(values):
                 if value:
-                    ax.text(column, row, f"{value:.2f}" if normalize else f"{int(value)}", ha="center", va="center",
-                            fontsize=font, color="white" if value > threshold else "black")
+                    ax.text(
+                        column,
+                        row,
+                        f"{value:.2f}" if normalize else f"{int(value)}",
+                        ha="center",
+                        va="center",
+                        fontsize=font,
+                        color="white" if value > threshold else "black",
+                    )
         ax.set_xlabel("true")
         ax.set_ylabel("predicted")
         ax.set_title(f"confusion matrix{' (normalised by true class)' if normalize else ''}")
@@ -143,14 +150,22 @@ def drawable(output: dict, min_score: float) -> dict:
 
     keep = output["scores"] >= min_score
     masks = output["masks"][keep, 0] > 0.5 if "masks" in output else torch.zeros(0, 1, 1, dtype=torch.bool)
-    return {"masks": masks.cpu(), "boxes": output["boxes"][keep].float().cpu(),
-            "classes": (output["labels"][keep] - 1).tolist(), "scores": output["scores"][keep].float().tolist()}
+    return {
+        "masks": masks.cpu(),
+        "boxes": output["boxes"][keep].float().cpu(),
+        "classes": (output["labels"][keep] - 1).tolist(),
+        "scores": output["scores"][keep].float().tolist(),
+    }
 
 
 def target_drawable(target: dict) -> dict:
     """A dataset target (instseg's target schema) as draw_detections takes ground truth: no scores."""
-    return {"masks": target["masks"].bool(), "boxes": target["boxes"], "classes": (target["labels"] - 1).tolist(),
-            "scores": None}
+    return {
+        "masks": target["masks"].bool(),
+        "boxes": target["boxes"],
+        "classes": (target["labels"] - 1).tolist(),
+        "scores": None,
+    }
 
 
 def draw_detections(image, detections: dict, names: list[str], scale: int = 1):
@@ -213,8 +228,9 @@ def plot_overlays(samples: list[tuple], names: list[str], path: Path, tile: int 
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.truetype(font_manager.findfont("DejaVu Sans"), 15)
     for column in range(columns):
-        draw.text((column * (tile + gap) + 4, 3), "ground truth" if column % 2 == 0 else "prediction", fill="black",
-                  font=font)
+        draw.text(
+            (column * (tile + gap) + 4, 3), "ground truth" if column % 2 == 0 else "prediction", fill="black", font=font
+        )
     for index, (image, truth, prediction) in enumerate(samples):
         scale = max(1, tile // max(image.shape[-2:]))
         for side, detections in enumerate((truth, prediction)):

@@ -27,7 +27,9 @@ from instseg.metrics.names import COCO_STAT_NAMES, FITNESS, val_key
 OVERLAY_GRID = "val_predictions.png"  # after the last epoch (every train.plot_every epochs: val_predictions_epochN.png)
 
 
-def _iou_and_areas(coco_gt: COCO, gts: list[dict], dts: list[dict], iou_type: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _iou_and_areas(
+    coco_gt: COCO, gts: list[dict], dts: list[dict], iou_type: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """IoU [n_true, n_pred] and the areas of ground truth and predictions (mask or box)."""
     if iou_type == "segm":
         gt_items = [coco_gt.annToRLE(g) for g in gts]
@@ -45,7 +47,11 @@ def _iou_and_areas(coco_gt: COCO, gts: list[dict], dts: list[dict], iou_type: st
 
 
 def curves_matrix_dice(
-    coco_gt: COCO, results: list[dict[str, Any]], iou_type: str, conf: float = 0.25, iou_thres: float = 0.45,
+    coco_gt: COCO,
+    results: list[dict[str, Any]],
+    iou_type: str,
+    conf: float = 0.25,
+    iou_thres: float = 0.45,
     ultralytics: bool = False,
 ) -> tuple[ClassCurves, ConfusionMatrix, dict[int, list[float]]]:
     """Curves, confusion matrix and Dice per class; `ultralytics` matches, smooths and builds the confusion matrix
@@ -76,12 +82,16 @@ def curves_matrix_dice(
         values, classes = matched_dice(dt_areas, gt_areas, inter, iou, pred_classes, true_classes)
         for value, cls in zip(values.tolist(), classes.tolist()):
             dice.setdefault(cls, []).append(value)
+
     def joined(parts: list[np.ndarray], empty: np.ndarray) -> np.ndarray:
         return np.concatenate(parts) if parts else empty
 
     curves = ap_per_class(
-        joined(tps, np.zeros((0, 10), bool)), joined(confs, np.zeros(0)), joined(pred_cls, np.zeros(0, int)),
-        joined(target_cls, np.zeros(0, int)), smooth_f1=ultralytics,
+        joined(tps, np.zeros((0, 10), bool)),
+        joined(confs, np.zeros(0)),
+        joined(pred_cls, np.zeros(0, int)),
+        joined(target_cls, np.zeros(0, int)),
+        smooth_f1=ultralytics,
     )
     return curves, matrix, dice
 
@@ -121,8 +131,9 @@ def evaluate_results(
     return report, curves, matrix
 
 
-def curve_metrics(coco_gt: COCO, results: list[dict[str, Any]], iou_type: str,
-                  ultralytics: bool = False) -> tuple[dict[str, float], ClassCurves, ConfusionMatrix]:
+def curve_metrics(
+    coco_gt: COCO, results: list[dict[str, Any]], iou_type: str, ultralytics: bool = False
+) -> tuple[dict[str, float], ClassCurves, ConfusionMatrix]:
     """Per-epoch `val/{iou_type}_precision|recall|f1|dice` (at the F1-optimal confidence) and what plots need."""
     only = results_for(results, iou_type)
     curves, matrix, dice = curves_matrix_dice(coco_gt, only, iou_type, ultralytics=ultralytics)
@@ -142,21 +153,25 @@ def _drawable_results(image: Any, results: list[dict[str, Any]], label_map: Labe
     no_masks = torch.zeros((0, *image.shape[1:]), dtype=torch.bool)
     return {
         "masks": torch.from_numpy(np.stack(masks)).bool() if masks else no_masks,
-        "boxes": torch.tensor([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2], d["bbox"][1] + d["bbox"][3]]
-                               for d in kept]).reshape(-1, 4),
+        "boxes": torch.tensor(
+            [[d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2], d["bbox"][1] + d["bbox"][3]] for d in kept]
+        ).reshape(-1, 4),
         "classes": [label_map.label(d["category_id"]) - 1 for d in kept],
         "scores": [d["score"] for d in kept],
     }
 
 
-def write_overlay_grid(path: Path, samples: list[tuple[Any, dict[str, Any], list[dict[str, Any]]]], label_map: LabelMap,
-                       score: float) -> Path:
+def write_overlay_grid(
+    path: Path, samples: list[tuple[Any, dict[str, Any], list[dict[str, Any]]]], label_map: LabelMap, score: float
+) -> Path:
     """Validation images, ground truth beside predictions (samples: (uint8 image, its dataset target, its COCO
     results); detections below `score` are not drawn)."""
     from instseg.metrics.plots import plot_overlays, target_drawable
 
-    drawn = [(image, target_drawable(target), _drawable_results(image, results, label_map, score))
-             for image, target, results in samples]
+    drawn = [
+        (image, target_drawable(target), _drawable_results(image, results, label_map, score))
+        for image, target, results in samples
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     return plot_overlays(drawn, list(label_map.names), path)
 
@@ -185,11 +200,16 @@ def write_training_plots(
     ]
 
 
-def write_report(out: Path, report: dict[str, Any], curves: ClassCurves, matrix: ConfusionMatrix, names: list[str]) -> list[Path]:
+def write_report(
+    out: Path, report: dict[str, Any], curves: ClassCurves, matrix: ConfusionMatrix, names: list[str]
+) -> list[Path]:
     from instseg.metrics.plots import plot_confusion_matrix, plot_curves
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", report, indent=2)
     coco_map50 = report.get(f"{report['iou_type']}_map50")
-    return [out / "metrics.json", *plot_confusion_matrix(matrix, names, out),
-            *plot_curves(curves, names, out, coco_map50)]
+    return [
+        out / "metrics.json",
+        *plot_confusion_matrix(matrix, names, out),
+        *plot_curves(curves, names, out, coco_map50),
+    ]

@@ -28,7 +28,13 @@ WEIGHTS_FILE = "weights.pt"
 META_FILE = "model.json"
 
 
-def write_bundle(folder: Path, state_dict: dict[str, torch.Tensor], model_cfg: dict[str, Any], label_map: dict[str, Any], metrics: dict[str, float] | None = None) -> Path:
+def write_bundle(
+    folder: Path,
+    state_dict: dict[str, torch.Tensor],
+    model_cfg: dict[str, Any],
+    label_map: dict[str, Any],
+    metrics: dict[str, float] | None = None,
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(state_dict, folder / WEIGHTS_FILE)
     # the architecture only: the weights are in the bundle, nothing is fetched or loaded from elsewhere

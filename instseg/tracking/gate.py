@@ -102,8 +102,10 @@ def promote(
             challenger_metrics = score_of(CHALLENGER, challenger)
             champion_metrics = score_of(CHAMPION, champion) if champion is not None else None
             if fingerprint and fingerprint() != data:
-                raise InstsegError(f"the data of split {split} changed while {model_name} was being scored: "
-                                   "nothing promoted; run the promotion again")
+                raise InstsegError(
+                    f"the data of split {split} changed while {model_name} was being scored: "
+                    "nothing promoted; run the promotion again"
+                )
             promoted = champion is None or (
                 str(champion.version) != str(challenger.version)
                 and better_by(challenger_metrics[FITNESS], champion_metrics[FITNESS], min_improvement)
@@ -111,8 +113,10 @@ def promote(
             if _commit(client, model_name, champion, challenger, promoted):
                 break
         else:
-            raise InstsegError(f"{model_name}: the champion kept changing while this promotion scored models "
-                               f"({COMMIT_ATTEMPTS} tries): run it again")
+            raise InstsegError(
+                f"{model_name}: the champion kept changing while this promotion scored models "
+                f"({COMMIT_ATTEMPTS} tries): run it again"
+            )
     result = PromotionResult(
         model_name=model_name,
         challenger_version=str(challenger.version),
@@ -178,17 +182,29 @@ def _decision(result: PromotionResult) -> str:
 def _record(tracking_uri: str, result: PromotionResult) -> str:
     """The decision as a finished run of PROMOTIONS_EXPERIMENT: who and what, on which data, both scores."""
     run_id = create_run(
-        tracking_uri, PROMOTIONS_EXPERIMENT, run_name=f"{result.model_name}-v{result.challenger_version}",
-        tags={"instseg.kind": "promotion", "promotion.decision": _decision(result),
-              "promotion.decided_by": result.decided_by, "promotion.model_name": result.model_name},
+        tracking_uri,
+        PROMOTIONS_EXPERIMENT,
+        run_name=f"{result.model_name}-v{result.challenger_version}",
+        tags={
+            "instseg.kind": "promotion",
+            "promotion.decision": _decision(result),
+            "promotion.decided_by": result.decided_by,
+            "promotion.model_name": result.model_name,
+        },
     )
     logger = RunLogger(tracking_uri, run_id)
-    logger.log_params({
-        "model_name": result.model_name, "challenger_version": result.challenger_version,
-        "champion_version": result.champion_version or "none", "champion_after": result.champion_after,
-        "split": result.split or "-", "data_fingerprint": result.data_fingerprint or "-",
-        "min_improvement": result.min_improvement, "decided_at": result.decided_at,
-    })
+    logger.log_params(
+        {
+            "model_name": result.model_name,
+            "challenger_version": result.challenger_version,
+            "champion_version": result.champion_version or "none",
+            "champion_after": result.champion_after,
+            "split": result.split or "-",
+            "data_fingerprint": result.data_fingerprint or "-",
+            "min_improvement": result.min_improvement,
+            "decided_at": result.decided_at,
+        }
+    )
     metrics = {f"challenger/{FITNESS}": result.challenger_fitness}
     metrics.update({f"challenger/{k.removeprefix('val/')}": v for k, v in result.challenger_metrics.items()})
     if result.champion_fitness is not None:
@@ -203,8 +219,11 @@ def _tag_versions(client: MlflowClient, result: PromotionResult) -> None:
     """The challenger's version carries its promotion (`promotion.*`, which `instseg models` and rollback read);
     the champion's version records that it was challenged (`challenged.*`), keeping its own promotion's tags."""
     shared = {
-        "split": result.split or "-", "data_fingerprint": result.data_fingerprint or "-",
-        "decided_by": result.decided_by, "decided_at": result.decided_at, "record_run_id": result.record_run_id,
+        "split": result.split or "-",
+        "data_fingerprint": result.data_fingerprint or "-",
+        "decided_by": result.decided_by,
+        "decided_at": result.decided_at,
+        "record_run_id": result.record_run_id,
         "min_improvement": result.min_improvement,
     }
     tags = {
@@ -219,7 +238,12 @@ def _tag_versions(client: MlflowClient, result: PromotionResult) -> None:
     for key, value in tags.items():
         client.set_model_version_tag(result.model_name, result.challenger_version, f"promotion.{key}", str(value))
     if result.champion_version and result.champion_version != result.challenger_version:
-        challenged = {"by_version": result.challenger_version, "decision": _decision(result),
-                      f"by_{FITNESS}": result.challenger_fitness, f"own_{FITNESS}": result.champion_fitness, **shared}
+        challenged = {
+            "by_version": result.challenger_version,
+            "decision": _decision(result),
+            f"by_{FITNESS}": result.challenger_fitness,
+            f"own_{FITNESS}": result.champion_fitness,
+            **shared,
+        }
         for key, value in challenged.items():
             client.set_model_version_tag(result.model_name, result.champion_version, f"challenged.{key}", str(value))

@@ -34,10 +34,16 @@ def model_signature() -> Any:
 
     inputs = Schema([ColSpec("string", IMAGE_COLUMN), ColSpec("long", IMAGE_ID_COLUMN, required=False)])
     rle = Object([Property("size", Array("long")), Property("counts", "string")])
-    outputs = Schema([
-        ColSpec("long", "image_id"), ColSpec("long", "category_id"), ColSpec("string", "category"),
-        ColSpec(Array("double"), "bbox"), ColSpec("double", "score"), ColSpec(rle, "segmentation"),
-    ])
+    outputs = Schema(
+        [
+            ColSpec("long", "image_id"),
+            ColSpec("long", "category_id"),
+            ColSpec("string", "category"),
+            ColSpec(Array("double"), "bbox"),
+            ColSpec("double", "score"),
+            ColSpec(rle, "segmentation"),
+        ]
+    )
     return ModelSignature(inputs=inputs, outputs=outputs, params=ParamSchema([ParamSpec("conf", "double", 0.0)]))
 
 

@@ -61,7 +61,9 @@ def _tracking_uri(uri: str) -> Iterator[None]:
             mlflow.set_tracking_uri(previous)
 
 
-def register_bundle(tracking_uri: str, run_id: str, bundle_dir: Path, model_name: str, tags: dict[str, str] | None = None) -> str:
+def register_bundle(
+    tracking_uri: str, run_id: str, bundle_dir: Path, model_name: str, tags: dict[str, str] | None = None
+) -> str:
     """Log the bundle as a pyfunc model in `run_id`, register it, point `challenger` at it; returns the version."""
     client = MlflowClient(tracking_uri)
     status = client.get_run(run_id).info.status
@@ -138,11 +140,15 @@ def model_version_run(tracking_uri: str, model_name: str, version: str) -> str:
 
 def aliases(tracking_uri: str, model_name: str) -> dict[str, str]:
     """alias -> version of a registered model."""
-    return {alias: str(version) for alias, version in MlflowClient(tracking_uri).get_registered_model(model_name).aliases.items()}
+    return {
+        alias: str(version)
+        for alias, version in MlflowClient(tracking_uri).get_registered_model(model_name).aliases.items()
+    }
 
 
 def download_bundle(tracking_uri: str, uri: str, dst: Path) -> Path:
-    """Fetch a registered model (models:/NAME@alias, models:/NAME/3) or a logged bundle (runs:/ID/bundle); return its bundle folder."""
+    """Fetch a registered model (models:/NAME@alias, models:/NAME/3) or a logged bundle (runs:/ID/bundle);
+    return its bundle folder."""
     try:
         with _tracking_uri(tracking_uri):  # models:/ URIs resolve against the global registry URI
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
@@ -181,8 +187,9 @@ def list_versions(tracking_uri: str, model_name: str) -> list[ModelVersionRow]:
             by_version.setdefault(str(version), []).append(alias)
         versions = client.search_model_versions(f"name='{model_name}'")
     except MlflowException as exc:
-        raise InstsegError(f"registered model '{model_name}' in {redact(tracking_uri)}: "
-                           f"{redact(exc.message.splitlines()[0])}") from None
+        raise InstsegError(
+            f"registered model '{model_name}' in {redact(tracking_uri)}: {redact(exc.message.splitlines()[0])}"
+        ) from None
     return [
         ModelVersionRow(
             version=str(v.version),
@@ -226,8 +233,11 @@ def registry_lock(client: MlflowClient, model_name: str, wait_s: float = LOCK_WA
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            client.create_registered_model(name, tags={LOCK_SINCE_TAG: f"{time.time():.3f}", LOCK_HOLDER_TAG: holder},
-                                           description=f"held while {model_name}'s champion alias moves")
+            client.create_registered_model(
+                name,
+                tags={LOCK_SINCE_TAG: f"{time.time():.3f}", LOCK_HOLDER_TAG: holder},
+                description=f"held while {model_name}'s champion alias moves",
+            )
             break
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":

@@ -152,8 +152,11 @@ class RunLogger:
         inputs = [
             DatasetInput(
                 Dataset(
-                    name=f"{Path(root).name}/{info['split']}", digest=fingerprint, source_type="local",
-                    source=json.dumps({"uri": str(root)}), profile=json.dumps(dict(info)),
+                    name=f"{Path(root).name}/{info['split']}",
+                    digest=fingerprint,
+                    source_type="local",
+                    source=json.dumps({"uri": str(root)}),
+                    profile=json.dumps(dict(info)),
                 ),
                 tags=[InputTag(DATASET_CONTEXT_TAG, context)],
             )
@@ -227,8 +230,9 @@ def child_runs(tracking_uri: str, parent_run_id: str) -> list[Any]:
     )
 
 
-def start_system_metrics(tracking_uri: str, run_id: str, interval_s: float, node_id: str | None = None,
-                         resume: bool = False) -> Any:
+def start_system_metrics(
+    tracking_uri: str, run_id: str, interval_s: float, node_id: str | None = None, resume: bool = False
+) -> Any:
     """MLflow's system metrics monitor (system/cpu_utilization_percentage, system/gpu_0_memory_usage_megabytes,
     ...; GPU metrics when pynvml finds one) logging into `run_id` every `interval_s` seconds from this process,
     under system/<node_id>/ when given; it stops by itself when the run is no longer RUNNING. `resume` continues
@@ -237,7 +241,8 @@ def start_system_metrics(tracking_uri: str, run_id: str, interval_s: float, node
 
     # its INFO lines (started, stopping, no GPU found) would interleave with the epoch table
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=resume, node_id=node_id,
-                                   tracking_uri=tracking_uri)
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=interval_s, resume_logging=resume, node_id=node_id, tracking_uri=tracking_uri
+    )
     monitor.start()
     return monitor

@@ -71,8 +71,19 @@ def auth_config(backend: str, folder: Path) -> Path:
 def server_command(backend: str, artifacts: str, host: str, port: int, workers: int, auth: bool) -> list[str]:
     """The `mlflow server` command line (without secrets: the backend URI travels by environment, see serve)."""
     command = [
-        sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", str(workers),
-        "--artifacts-destination", artifacts, "--serve-artifacts",
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--artifacts-destination",
+        artifacts,
+        "--serve-artifacts",
     ]
     return [*command, "--app-name", "basic-auth"] if auth else command
 

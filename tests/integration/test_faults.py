@@ -45,12 +45,16 @@ def cli_overrides(data_root: Path, tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
-def wait_for_epoch(tracking_uri: str, run_name: str, epoch: int, timeout: float = 300, process: subprocess.Popen | None = None) -> str:
+def wait_for_epoch(
+    tracking_uri: str, run_name: str, epoch: int, timeout: float = 300, process: subprocess.Popen | None = None
+) -> str:
     """Poll MLflow until run `run_name` has logged `epoch`; returns its run id."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise AssertionError(f"driver exited with {process.returncode} before epoch {epoch}:\n{process.stdout.read()}")
+            raise AssertionError(
+                f"driver exited with {process.returncode} before epoch {epoch}:\n{process.stdout.read()}"
+            )
         run = find_run(tracking_uri, "faults", run_name, kind="train")
         if run is not None and epoch in steps(tracking_uri, run.info.run_id, FITNESS):
             return run.info.run_id
@@ -97,7 +101,9 @@ def test_a_worker_killed_mid_epoch_restores_from_last_checkpoint(local_ray, long
 
     from instseg.config import load, resolve_paths
 
-    cfg = resolve_paths(load(DEMO_CONFIG, cli_overrides(longer_epochs_root, tmp_path, "ray.max_failures=1", "run_name=killed-worker")))
+    cfg = resolve_paths(
+        load(DEMO_CONFIG, cli_overrides(longer_epochs_root, tmp_path, "ray.max_failures=1", "run_name=killed-worker"))
+    )
     tracking_uri = cfg.tracking.uri
     killed: dict[str, int] = {}
 
@@ -106,8 +112,10 @@ def test_a_worker_killed_mid_epoch_restores_from_last_checkpoint(local_ray, long
         time.sleep(1.0)
         # this test's own Ray, by address: without one the state API looks up "the" local cluster, which a stale
         # record of another instance on the machine can point elsewhere (a GCS timeout in the thread)
-        (worker,) = list_actors(address=local_ray.get_runtime_context().gcs_address,
-                                filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        (worker,) = list_actors(
+            address=local_ray.get_runtime_context().gcs_address,
+            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        )
         killed["pid"] = worker.pid
         os.kill(worker.pid, signal.SIGKILL)
 
@@ -186,7 +194,9 @@ def _remove_worker_node(cluster, tracking_uri: str, run_id: str):
 
 
 @pytest.mark.slow
-def test_b_node_removed_mid_run_recovers_on_a_new_node_or_fails_naming_it(multinode_cluster, longer_epochs_root, tmp_path):
+def test_b_node_removed_mid_run_recovers_on_a_new_node_or_fails_naming_it(
+    multinode_cluster, longer_epochs_root, tmp_path
+):
     cluster = multinode_cluster
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = [f"ray.address={cluster.address}", "ray.num_workers=2", "ray.cpus_per_worker=1", "ray.max_failures=1"]
@@ -206,7 +216,9 @@ def test_b_node_removed_mid_run_recovers_on_a_new_node_or_fails_naming_it(multin
     assert_one_point_per_epoch(tracking_uri, run_id)
 
     # resources don't allow: no replacement, and the message names the lost node
-    failing = start_driver(cli_overrides(longer_epochs_root, tmp_path, *common, "ray.max_startup_failures=0", "run_name=node-lost"))
+    failing = start_driver(
+        cli_overrides(longer_epochs_root, tmp_path, *common, "ray.max_startup_failures=0", "run_name=node-lost")
+    )
     run_id = wait_for_epoch(tracking_uri, "node-lost", 1, process=failing)
     lost = _remove_worker_node(cluster, tracking_uri, run_id)
     output = finish(failing)

@@ -48,7 +48,9 @@ async def _flow_run_states(flow_name: str) -> list[str]:
     return [run.state.type.value for run in runs]
 
 
-def test_flow_tunes_registers_promotes_and_champion_predicts(prefect_server, local_ray, synth_root, tmp_path, monkeypatch):
+def test_flow_tunes_registers_promotes_and_champion_predicts(
+    prefect_server, local_ray, synth_root, tmp_path, monkeypatch
+):
     from flows.pipeline import FLOW_NAME, tune_register_promote
     from flows.reports import PROMOTION_ARTIFACT, TRIALS_ARTIFACT
     from instseg.data.coco import dataset_fingerprint
@@ -56,9 +58,17 @@ def test_flow_tunes_registers_promotes_and_champion_predicts(prefect_server, loc
 
     monkeypatch.chdir(tmp_path)  # relative paths in the overrides resolve against the flow's cwd
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    overrides = [*TINY, f"data.root={synth_root}", "tracking.uri=sqlite:///mlflow.db", "ray.storage_path=ray_results",
-                 "train.epochs=1", "tune.num_samples=2", "registry.model_name=flow-test",
-                 "tune.search=random", "tune.scheduler=median"]
+    overrides = [
+        *TINY,
+        f"data.root={synth_root}",
+        "tracking.uri=sqlite:///mlflow.db",
+        "ray.storage_path=ray_results",
+        "train.epochs=1",
+        "tune.num_samples=2",
+        "registry.model_name=flow-test",
+        "tune.search=random",
+        "tune.scheduler=median",
+    ]
     result = tune_register_promote(config_path=str(DEMO_CONFIG), overrides=overrides)
 
     assert asyncio.run(_flow_run_states(FLOW_NAME)) == ["COMPLETED"]
@@ -83,7 +93,9 @@ def test_flow_tunes_registers_promotes_and_champion_predicts(prefect_server, loc
     client = MlflowClient(tracking_uri)
     version = client.get_model_version("flow-test", "1")
     assert version.run_id == result["tune"]["best_run_id"]
-    assert float(version.tags[f"promotion.challenger_{FITNESS}"]) == pytest.approx(result["promotion"]["challenger_fitness"])
+    assert float(version.tags[f"promotion.challenger_{FITNESS}"]) == pytest.approx(
+        result["promotion"]["challenger_fitness"]
+    )
     segm_map = result["promotion"]["challenger_metrics"]["val/segm_map"]
     assert float(version.tags["promotion.challenger_segm_map"]) == pytest.approx(segm_map)
 
@@ -101,7 +113,21 @@ def test_flow_tunes_registers_promotes_and_champion_predicts(prefect_server, loc
 
     images = sorted(str(p) for p in (synth_root / "images" / "val").glob("*.jpg"))
     out = tmp_path / "preds.json"
-    assert cli_main(["predict", "--model", "models:/flow-test@champion", *images, "--out", str(out), "--tracking-uri", tracking_uri]) == 0
+    assert (
+        cli_main(
+            [
+                "predict",
+                "--model",
+                "models:/flow-test@champion",
+                *images,
+                "--out",
+                str(out),
+                "--tracking-uri",
+                tracking_uri,
+            ]
+        )
+        == 0
+    )
     results = json.loads(out.read_text())
     assert results and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(results[0])
     gt = load_coco(synth_root / "annotations" / "instances_val.json")

@@ -35,8 +35,14 @@ def token_head():
     cluster = Cluster(
         initialize_head=True,
         # the job agent's port must differ from the session's local Ray (whose agent holds the default)
-        head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": True, "dashboard_host": "127.0.0.1",
-                        "dashboard_port": 0, "dashboard_agent_listen_port": free_port()},
+        head_node_args={
+            "num_cpus": 2,
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": 0,
+            "dashboard_agent_listen_port": free_port(),
+        },
     )
     url = cluster.webui_url if "://" in cluster.webui_url else f"http://{cluster.webui_url}"
     # the first job waits for the head's job agent to come up (submit_job retries until it has)
@@ -49,9 +55,20 @@ def token_head():
 def test_token_authenticated_job_trains_end_to_end(token_head, synth_root, tmp_path):
     address, token = token_head
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    entrypoint = [sys.executable, "-m", "instseg", "train", "--config", str(DEMO_CONFIG.relative_to(ROOT)),
-                  *isolated_overrides(synth_root, tmp_path), "train.epochs=1", "train.log_every=2",
-                  "run_name=job-train", "--register", "job-model"]
+    entrypoint = [
+        sys.executable,
+        "-m",
+        "instseg",
+        "train",
+        "--config",
+        str(DEMO_CONFIG.relative_to(ROOT)),
+        *isolated_overrides(synth_root, tmp_path),
+        "train.epochs=1",
+        "train.log_every=2",
+        "run_name=job-train",
+        "--register",
+        "job-model",
+    ]
     lines: list[str] = []
     # the project folder travels as the job's working_dir, as with `ray job submit --working-dir .`
     runtime_env = load_runtime_env(str(ROOT / "cluster" / "runtime_env.yaml"), str(ROOT))
@@ -116,12 +133,18 @@ def test_job_submission_without_the_token_is_refused(token_head):
     address, token = token_head
     command = [RAY_CLI, "job", "submit", "--address", address, "--no-wait", "--", "python", "-c", "print('hello')"]
     without = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
-    refused = subprocess.run(command, env={**without, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(
+        command, env={**without, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=120
+    )
     assert refused.returncode != 0
-    assert "401" in refused.stderr + refused.stdout or "uthenticat" in refused.stderr + refused.stdout, refused.stderr[-2000:]
+    assert "401" in refused.stderr + refused.stdout or "uthenticat" in refused.stderr + refused.stdout, refused.stderr[
+        -2000:
+    ]
 
     # the same command with the token (what the README shows) is accepted
-    accepted = subprocess.run(command, env={**without, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)
+    accepted = subprocess.run(
+        command, env={**without, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120
+    )
     assert accepted.returncode == 0, accepted.stderr[-2000:]
     assert "submitted successfully" in accepted.stdout + accepted.stderr
 
@@ -136,14 +159,26 @@ def test_the_cluster_flow_runs_the_study_as_a_job_and_promotes_its_best_trial(to
     from flows.cluster import tune_on_cluster
 
     address, token = token_head
-    overrides = [*isolated_overrides(synth_root, tmp_path), "train.epochs=1", "tune.num_samples=1",
-                 "tune.scheduler=none", "registry.model_name=cluster-model", "run_name=cluster-study"]
+    overrides = [
+        *isolated_overrides(synth_root, tmp_path),
+        "train.epochs=1",
+        "tune.num_samples=1",
+        "tune.scheduler=none",
+        "registry.model_name=cluster-model",
+        "run_name=cluster-study",
+    ]
     runtime_env = load_runtime_env(str(ROOT / "cluster" / "runtime_env.yaml"), str(ROOT))
     runtime_env.pop("pip")  # the test venv already has them; the cluster's Python is this one
     with prefect_test_harness(server_startup_timeout=120):
         Secret(value=token).save("ray-token")
-        result = tune_on_cluster(str(DEMO_CONFIG.relative_to(ROOT)), address, overrides, runtime_env=runtime_env,
-                                 token_secret="ray-token", python=sys.executable)
+        result = tune_on_cluster(
+            str(DEMO_CONFIG.relative_to(ROOT)),
+            address,
+            overrides,
+            runtime_env=runtime_env,
+            token_secret="ray-token",
+            python=sys.executable,
+        )
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri)

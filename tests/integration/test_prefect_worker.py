@@ -61,8 +61,13 @@ def prefect_api(tmp_path):
     }
     port = url.split(":")[2].split("/")[0]
     log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", port], env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", port],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -98,14 +103,26 @@ async def _gpu_limit() -> int:
 def test_a_worker_runs_the_scheduled_flow_and_a_second_run_waits_for_the_gpu(prefect_api, synth_root, tmp_path):
     from prefect.deployments import run_deployment
 
-    overrides = [*isolated_overrides(synth_root, tmp_path), "train.epochs=1", "tune.num_samples=1",
-                 "tune.max_concurrent_trials=1", "tune.scheduler=none", "registry.model_name=worker-test"]
+    overrides = [
+        *isolated_overrides(synth_root, tmp_path),
+        "train.epochs=1",
+        "tune.num_samples=1",
+        "tune.max_concurrent_trials=1",
+        "tune.scheduler=none",
+        "registry.model_name=worker-test",
+    ]
     due = datetime.now(timezone.utc) + timedelta(seconds=3)
     deploy_to_pool(str(DEMO_CONFIG), overrides, schedule=make_schedule(interval_minutes=60, start=due), pool=POOL)
     assert asyncio.run(_gpu_limit()) == 1
     log = (tmp_path / "worker.log").open("w")
-    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", POOL, "--type", "process"], cwd=ROOT,
-                              env=prefect_api, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", POOL, "--type", "process"],
+        cwd=ROOT,
+        env=prefect_api,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:  # the scheduled run starts training

@@ -38,8 +38,15 @@ def _score(bundle_dir: Path) -> dict[str, float]:
 
 def _promote_in_a_process(tracking_uri: str, version: str, start: Any, out: Any) -> None:
     start.wait()
-    result = promote(tracking_uri, MODEL, _score, version=version, split="val", fingerprint=lambda: "data-1",
-                     decided_by=f"racer {version}")
+    result = promote(
+        tracking_uri,
+        MODEL,
+        _score,
+        version=version,
+        split="val",
+        fingerprint=lambda: "data-1",
+        decided_by=f"racer {version}",
+    )
     out.put((version, result.promoted, result.champion_version, result.champion_after))
 
 

@@ -21,8 +21,20 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SECTIONS = ("What you can run", "On a Ray cluster")
 # what the copy leaves out: what runtime_env and .gitignore leave out, and this machine's own state
-NOT_COPIED = (".git", ".venv", ".device", "data", "mlruns", "mlartifacts", "ray_results", "*.db", "__pycache__",
-              "*.egg-info", ".pytest_cache", ".ruff_cache")
+NOT_COPIED = (
+    ".git",
+    ".venv",
+    ".device",
+    "data",
+    "mlruns",
+    "mlartifacts",
+    "ray_results",
+    "*.db",
+    "__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+)
 RAY_DEFAULT_PORTS = (6379, 8265)  # `ray start --head` as the README writes it: GCS and dashboard
 
 
@@ -38,8 +50,9 @@ def port_in_use(port: int) -> bool:
 
 
 def run_block(block: str, cwd: Path, env: dict[str, str]) -> str:
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"README block failed ({done.returncode}):\n{block}\n--- output ---\n{output[-6000:]}"
     return output

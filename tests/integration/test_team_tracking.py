@@ -53,8 +53,16 @@ def test_training_a_study_registration_and_promotion_on_postgresql(postgres, loc
         first = promote_on_split(cfg, "team-model", None, decided_by="test")
         assert first.promoted and aliases(server.url, "team-model")[CHAMPION] == "1"
 
-        study = run_tuning(tiny_config(*settings, "train.epochs=2", "tune.num_samples=4",
-                                       "tune.max_concurrent_trials=2", "tune.grace_period=1", "run_name=pg-study"))
+        study = run_tuning(
+            tiny_config(
+                *settings,
+                "train.epochs=2",
+                "tune.num_samples=4",
+                "tune.max_concurrent_trials=2",
+                "tune.grace_period=1",
+                "run_name=pg-study",
+            )
+        )
         assert len(study.trials) == 4 and all(t.run_id for t in study.trials)
         version = register_run(server.url, study.best_run_id, "team-model", tags={"source": "test"})
         second = promote_on_split(cfg, "team-model", version, decided_by="test")
@@ -86,12 +94,29 @@ def test_an_authenticated_server_refuses_strangers_and_the_password_goes_nowhere
             wrong.search_experiments()
 
         uri = f"http://admin:{quote(PASSWORD, safe='')}@127.0.0.1:{server.port}"
-        overrides = [*isolated_overrides(synth_root, tmp_path), f"tracking.uri={uri}", "tracking.experiment=guarded",
-                     "train.epochs=1", "run_name=guarded"]
+        overrides = [
+            *isolated_overrides(synth_root, tmp_path),
+            f"tracking.uri={uri}",
+            "tracking.experiment=guarded",
+            "train.epochs=1",
+            "run_name=guarded",
+        ]
         done = subprocess.run(
-            [sys.executable, "-m", "instseg.cli", "train", "--config", str(DEMO_CONFIG), *overrides,
-             "--register", "guarded-model"],
-            cwd=ROOT, capture_output=True, text=True, timeout=600,
+            [
+                sys.executable,
+                "-m",
+                "instseg.cli",
+                "train",
+                "--config",
+                str(DEMO_CONFIG),
+                *overrides,
+                "--register",
+                "guarded-model",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         output = done.stdout + done.stderr
         assert done.returncode == 0, output[-4000:]

@@ -18,11 +18,16 @@ pytestmark = pytest.mark.integration
 def test_coco8_seg_trains_one_tiny_epoch(local_ray, tiny_config, tmp_path):
     convert(shared_dataset("coco8-seg"), tmp_path / "coco8")
     # coco8-seg mixes landscape and portrait images: batches grouped by orientation
-    cfg = tiny_config(f"data.root={tmp_path / 'coco8'}", "train.epochs=1", "data.batch_size=2", "data.aspect_ratio_grouping=true")
+    cfg = tiny_config(
+        f"data.root={tmp_path / 'coco8'}", "train.epochs=1", "data.batch_size=2", "data.aspect_ratio_grouping=true"
+    )
     summary = run_training(cfg)
     run = MlflowClient(summary.tracking_uri).get_run(summary.run_id)
     assert run.info.status == "FINISHED" and FITNESS in run.data.metrics
-    assert json.loads((tmp_path / "coco8" / "annotations" / "instances_val.json").read_text())["categories"][0]["name"] == "person"
+    assert (
+        json.loads((tmp_path / "coco8" / "annotations" / "instances_val.json").read_text())["categories"][0]["name"]
+        == "person"
+    )
 
 
 def test_coco128_seg_trains_after_data_split(local_ray, tiny_config, tmp_path):

@@ -31,8 +31,15 @@ pytestmark = pytest.mark.integration
 def test_train_reports_tracks_checkpoints_and_stops_early(local_ray, tiny_config, tmp_path):
     # 4 epochs allowed; an improvement of 1.0 in fitness is impossible, so patience 1 stops after epoch 2
     # with the soft-Dice term on the mask head
-    cfg = tiny_config("train.epochs=4", "train.patience=1", "train.min_delta=1.0", "model.mask_dice_weight=0.5",
-                      "run_name=it-train", "tracking.system_metrics_s=1", "train.plot_every=1")
+    cfg = tiny_config(
+        "train.epochs=4",
+        "train.patience=1",
+        "train.min_delta=1.0",
+        "model.mask_dice_weight=0.5",
+        "run_name=it-train",
+        "tracking.system_metrics_s=1",
+        "train.plot_every=1",
+    )
     summary = run_training(cfg)
 
     client = MlflowClient(summary.tracking_uri)
@@ -40,8 +47,18 @@ def test_train_reports_tracks_checkpoints_and_stops_early(local_ray, tiny_config
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "4" and run.data.params["model.arch"] == "tiny"
     assert len(run.data.tags["instseg.dataset_fingerprint"]) == 16
-    assert run.data.tags["version.torch"] == torch.__version__.split("+")[0] or run.data.tags["version.torch"].startswith(torch.__version__[:4])
-    for key in (FITNESS, "val/segm_map", "val/bbox_map", "train/loss", "val/loss", "train/loss_mask_dice", *(f"train/{k}" for k in TRAIN_LOSS_KEYS)):
+    assert run.data.tags["version.torch"] == torch.__version__.split("+")[0] or run.data.tags[
+        "version.torch"
+    ].startswith(torch.__version__[:4])
+    for key in (
+        FITNESS,
+        "val/segm_map",
+        "val/bbox_map",
+        "train/loss",
+        "val/loss",
+        "train/loss_mask_dice",
+        *(f"train/{k}" for k in TRAIN_LOSS_KEYS),
+    ):
         assert [m.step for m in client.get_metric_history(summary.run_id, key)] == [1, 2], key
     assert run.data.tags["instseg.early_stopped"] == "true" and run.data.tags["instseg.stopped_epoch"] == "2"
     assert "did not improve by more than 1.0 for 1 epochs" in run.data.tags["instseg.stop_reason"]
@@ -51,8 +68,17 @@ def test_train_reports_tracks_checkpoints_and_stops_early(local_ray, tiny_config
     artifacts = {a.path for a in client.list_artifacts(summary.run_id)}
     assert {"config.yaml", "label_map.json", "bundle", "plots"} <= artifacts
     plots = {Path(a.path).name for a in client.list_artifacts(summary.run_id, "plots")}
-    assert plots == {"confusion_matrix.png", "confusion_matrix_normalized.png", "PR_curve.png", "P_curve.png", "R_curve.png",
-                     "F1_curve.png", "loss_curves.png", "val_predictions.png", "val_predictions_epoch1.png"}
+    assert plots == {
+        "confusion_matrix.png",
+        "confusion_matrix_normalized.png",
+        "PR_curve.png",
+        "P_curve.png",
+        "R_curve.png",
+        "F1_curve.png",
+        "loss_curves.png",
+        "val_predictions.png",
+        "val_predictions_epoch1.png",
+    }
     curve_keys = ("segm_precision", "segm_recall", "segm_f1", "segm_dice", "bbox_precision", "bbox_recall")
     for key in (f"val/{name}" for name in curve_keys):
         assert [m.step for m in client.get_metric_history(summary.run_id, key)] == [1, 2], key
@@ -62,7 +88,7 @@ def test_train_reports_tracks_checkpoints_and_stops_early(local_ray, tiny_config
     inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
     assert set(inputs) == {"training", "validation"}
     assert inputs["training"].name == f"{Path(cfg.data.root).name}/train"
-    assert inputs["training"].digest == run.data.tags["instseg.dataset_fingerprint"][:len(inputs["training"].digest)]
+    assert inputs["training"].digest == run.data.tags["instseg.dataset_fingerprint"][: len(inputs["training"].digest)]
     assert json.loads(inputs["validation"].profile)["images"] == len(build_datasets(cfg.data)[1])
 
     # results.csv, one row per epoch, beside the checkpoints and in the MLflow run, with the numbers MLflow has
@@ -108,7 +134,9 @@ def test_two_ddp_workers_train_and_report_once_per_epoch(local_ray, tiny_config,
     cfg = tiny_config("train.epochs=2", "ray.num_workers=2", "run_name=it-ddp")
     reports = tmp_path / "reports.txt"
     run_id = create_driver_run(cfg, cfg.tracking.uri, "it-ddp", kind="train")
-    trainer = build_trainer(cfg, tracking_uri=cfg.tracking.uri, run_id=run_id, name="it-ddp", callbacks=[ReportRecorder(reports)])
+    trainer = build_trainer(
+        cfg, tracking_uri=cfg.tracking.uri, run_id=run_id, name="it-ddp", callbacks=[ReportRecorder(reports)]
+    )
     summary = fit_and_log(trainer, cfg.tracking.uri, run_id)
     assert [r[EPOCH] for r in ReportRecorder.read(reports)] == [1, 2], "the loop must report exactly once per epoch"
     run = MlflowClient(summary.tracking_uri).get_run(summary.run_id)
@@ -127,8 +155,15 @@ def _validate_in_workers(loop_config: dict) -> None:
     model = ray.train.torch.prepare_model(core)
     device = ray.train.torch.get_device()
     evaluator = CocoEvaluator(val_set.coco, train_set.label_map)
-    metrics, _ = validate(getattr(model, "module", model), val_set, build_loader(val_set, cfg.data, shuffle=False), cfg, device, evaluator)
-    ray.train.report({**metrics, "detections": float(len(evaluator.results)) if ray.train.get_context().get_world_rank() == 0 else -1.0})
+    metrics, _ = validate(
+        getattr(model, "module", model), val_set, build_loader(val_set, cfg.data, shuffle=False), cfg, device, evaluator
+    )
+    ray.train.report(
+        {
+            **metrics,
+            "detections": float(len(evaluator.results)) if ray.train.get_context().get_world_rank() == 0 else -1.0,
+        }
+    )
 
 
 def test_two_workers_report_the_metrics_of_one_on_the_same_weights(
@@ -143,13 +178,19 @@ def test_two_workers_report_the_metrics_of_one_on_the_same_weights(
             _validate_in_workers,
             train_loop_config={"config": cfg.model_dump()},
             scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.9}),
-            run_config=ray.train.RunConfig(name=f"validate-{workers}", storage_path=str(tmp_path / "ray_results"),
-                                           worker_runtime_env={"env_vars": WORKER_ENV}, callbacks=[ReportRecorder(reports)]),
+            run_config=ray.train.RunConfig(
+                name=f"validate-{workers}",
+                storage_path=str(tmp_path / "ray_results"),
+                worker_runtime_env={"env_vars": WORKER_ENV},
+                callbacks=[ReportRecorder(reports)],
+            ),
         )
         trainer.fit()
         (results[workers],) = ReportRecorder.read(reports)
     one, two = results[1], results[2]
-    assert one["val/bbox_mar100"] > 0 and one["detections"] > 0, "the model must detect something for the comparison to mean anything"
+    assert one["val/bbox_mar100"] > 0 and one["detections"] > 0, (
+        "the model must detect something for the comparison to mean anything"
+    )
     assert one.keys() == two.keys()
     # COCO stats, P / R / F1 / Dice: the same predictions, so the same numbers
     evaluated = [k for k in one if not k.startswith("val/loss")]

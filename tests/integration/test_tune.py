@@ -17,8 +17,13 @@ pytestmark = pytest.mark.integration
 
 
 def test_two_trial_study_has_nested_runs_with_per_epoch_fitness(local_ray, tiny_config):
-    cfg = tiny_config("train.epochs=2", "tune.num_samples=2", "tune.max_concurrent_trials=2", "tune.grace_period=1",
-                      "run_name=it-study")
+    cfg = tiny_config(
+        "train.epochs=2",
+        "tune.num_samples=2",
+        "tune.max_concurrent_trials=2",
+        "tune.grace_period=1",
+        "run_name=it-study",
+    )
     summary = run_tuning(cfg)
 
     client = MlflowClient(summary.tracking_uri)
@@ -54,8 +59,15 @@ def test_bohb_brackets_stop_trials_and_resumed_trials_keep_their_run(local_ray, 
     a bracket that runs 2 trials to the end, then one that halves 2 trials after an epoch (the first there waits,
     paused, for the other; the better continues from its checkpoint). A paused trial goes on in its own MLflow
     run: 4 runs, each epoch logged once."""
-    cfg = tiny_config("train.epochs=2", "tune.num_samples=4", "tune.max_concurrent_trials=2", "tune.search=bohb",
-                      "tune.scheduler=hyperband", "tune.reduction_factor=2", "run_name=bohb")
+    cfg = tiny_config(
+        "train.epochs=2",
+        "tune.num_samples=4",
+        "tune.max_concurrent_trials=2",
+        "tune.search=bohb",
+        "tune.scheduler=hyperband",
+        "tune.reduction_factor=2",
+        "run_name=bohb",
+    )
     summary = run_tuning(cfg)
 
     client = MlflowClient(summary.tracking_uri)
@@ -80,9 +92,16 @@ def test_pbt_weak_trial_continues_from_the_strong_ones_checkpoint_with_explored_
     from the stronger one's epoch-1 checkpoint (its weights: the loss history in its results.csv is the stronger's)
     with explored values applied over the restored optimizer (its learning rate follows the explored train.lr), in
     its own MLflow run, every epoch logged once; the checkpoint copies are gone when the study ends."""
-    cfg = tiny_config("train.epochs=2", "tune.num_samples=2", "tune.max_concurrent_trials=2", "tune.search=random",
-                      "tune.scheduler=pbt", "tune.perturbation_interval=1", "tune.quantile_fraction=0.5",
-                      "run_name=pbt")
+    cfg = tiny_config(
+        "train.epochs=2",
+        "tune.num_samples=2",
+        "tune.max_concurrent_trials=2",
+        "tune.search=random",
+        "tune.scheduler=pbt",
+        "tune.perturbation_interval=1",
+        "tune.quantile_fraction=0.5",
+        "run_name=pbt",
+    )
     summary = run_tuning(cfg)
 
     client = MlflowClient(summary.tracking_uri)

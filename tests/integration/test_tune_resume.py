@@ -43,15 +43,25 @@ def _history(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
 def test_a_study_stopped_after_two_trials_resumes_where_it_was(local_ray, synth_root, tmp_path):
     overrides = [
         *isolated_overrides(synth_root, tmp_path),
-        "train.epochs=2", "tune.num_samples=4", "tune.max_concurrent_trials=2",
-        "tune.scheduler=hyperband", "tune.search=random", "tune.reduction_factor=2", f"run_name={STUDY}",
+        "train.epochs=2",
+        "tune.num_samples=4",
+        "tune.max_concurrent_trials=2",
+        "tune.scheduler=hyperband",
+        "tune.search=random",
+        "tune.reduction_factor=2",
+        f"run_name={STUDY}",
     ]
     cfg = resolve_paths(load(DEMO_CONFIG, overrides))
     tracking_uri = cfg.tracking.uri
     log = tmp_path / "first-driver.log"
     with log.open("w") as out:
-        first = subprocess.Popen([sys.executable, "-m", "tuning.tune", "--config", str(DEMO_CONFIG), *overrides],
-                                 cwd=ROOT, env=os.environ, stdout=out, stderr=subprocess.STDOUT)
+        first = subprocess.Popen(
+            [sys.executable, "-m", "tuning.tune", "--config", str(DEMO_CONFIG), *overrides],
+            cwd=ROOT,
+            env=os.environ,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 300
         parent_id, done = None, []
         while len(done) < 2 and first.poll() is None and time.monotonic() < deadline:

@@ -454,8 +454,23 @@ def test_predict_refuses_a_device_or_batch_it_cannot_use(options, expected, bund
 def test_predict_on_the_cpu_in_batches_matches_one_by_one(bundle, synth_root, tmp_path, capsys):
     images = sorted((synth_root / "images" / "val").glob("*.jpg"))[:3]
     for batch in ("1", "3"):
-        assert cli_main(["predict", "--model", str(bundle), *map(str, images), "--out", str(tmp_path / f"{batch}.json"),
-                         "--device", "cpu", "--batch", batch]) == 0
+        assert (
+            cli_main(
+                [
+                    "predict",
+                    "--model",
+                    str(bundle),
+                    *map(str, images),
+                    "--out",
+                    str(tmp_path / f"{batch}.json"),
+                    "--device",
+                    "cpu",
+                    "--batch",
+                    batch,
+                ]
+            )
+            == 0
+        )
     assert "(cpu)" in capsys.readouterr().out
     one, three = (json.loads((tmp_path / f"{b}.json").read_text()) for b in ("1", "3"))
     assert [r["image_id"] for r in one] == [r["image_id"] for r in three]

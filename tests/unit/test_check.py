@@ -27,12 +27,14 @@ def _first_ann(coco):
 def _set_seg(seg):
     def mutate(root, coco):
         _first_ann(coco)["segmentation"] = seg
+
     return mutate
 
 
 def _set_bbox(bbox):
     def mutate(root, coco):
         _first_ann(coco)["bbox"] = bbox
+
     return mutate
 
 
@@ -148,7 +150,16 @@ def _yolo(root: Path, lines: list[str]) -> Path:
 
 
 def test_yolo_problems_point_at_label_file_and_line(tmp_path, capsys):
-    root = _yolo(tmp_path / "y", ["0 0.1 0.1 0.5 0.1 0.5 0.5", "1 0.1 0.1 0.5 0.1", "x 0.1 0.2", "5 0.1 0.1 0.5 0.1 0.5 0.5", "0 0.1 0.1 1.5 0.1 0.5 0.5"])
+    root = _yolo(
+        tmp_path / "y",
+        [
+            "0 0.1 0.1 0.5 0.1 0.5 0.5",
+            "1 0.1 0.1 0.5 0.1",
+            "x 0.1 0.2",
+            "5 0.1 0.1 0.5 0.1 0.5 0.5",
+            "0 0.1 0.1 1.5 0.1 0.5 0.5",
+        ],
+    )
     assert cli_main(["data", "check", str(root)]) == 1
     out = capsys.readouterr().out
     label = root / "labels" / "train" / "a.txt"
@@ -165,9 +176,18 @@ def test_coco128_seg_reports_exactly_its_two_plus_two_mismatches(capsys):
     root = shared_dataset("coco128-seg")
     assert cli_main(["data", "check", str(root)]) == 1
     out = capsys.readouterr().out
-    problems = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and not line.startswith("   ") and not line.startswith("  split")]
+    problems = [
+        line.split()[0]
+        for line in out.splitlines()
+        if line.startswith("  ") and not line.startswith("   ") and not line.startswith("  split")
+    ]
     assert sorted(problems) == ["image_without_label"] * 2 + ["label_without_image"] * 2, out
-    assert "000000000656.txt" in out and "000000000659.txt" in out and "000000000250.jpg" in out and "000000000508.jpg" in out
+    assert (
+        "000000000656.txt" in out
+        and "000000000659.txt" in out
+        and "000000000250.jpg" in out
+        and "000000000508.jpg" in out
+    )
 
 
 def test_training_policy_errors_or_skips_with_counts(tmp_path, synth_root):
@@ -204,7 +224,10 @@ def test_training_on_a_broken_dataset_stops_before_ray_in_one_line(tmp_path, syn
     _save(root, coco)
     proc = subprocess.run(
         [sys.executable, "-m", "ray_jobs.train", "--config", str(DEMO_CONFIG), f"data.root={root}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "empty_segmentation" in proc.stderr and "data.on_invalid=skip" in proc.stderr

@@ -197,9 +197,13 @@ def test_models_lists_versions_and_rollback_brings_the_previous_champion_back(co
         MlflowClient(uri).set_terminated(run_id, "FINISHED")
         register_bundle(uri, run_id, bundle, "m")
         # the gate's scoring is its seam: promote downloads the two versions under folders named <role>-v<version>
-        promote(uri, "m", lambda bundle, f=fitness, p=previous: {
-            FITNESS: f if any(part.startswith("challenger-v") for part in bundle.parts) else p
-        })
+        promote(
+            uri,
+            "m",
+            lambda bundle, f=fitness, p=previous: {
+                FITNESS: f if any(part.startswith("challenger-v") for part in bundle.parts) else p
+            },
+        )
     assert aliases(uri, "m")["champion"] == "2"
 
     assert cli_main(["models", "m", "--tracking-uri", uri]) == 0
@@ -230,7 +234,9 @@ def test_register_and_promote_by_hand_run_the_flows_gate(overfit_root, overfit_w
         model = build_model(cfg.model, label_map.num_classes)
         if weights is not None:
             model.load_state_dict(torch.load(weights, weights_only=True))
-        bundle = write_bundle(tmp_path / name / "bundle", model.state_dict(), cfg.model.model_dump(), label_map.to_dict())
+        bundle = write_bundle(
+            tmp_path / name / "bundle", model.state_dict(), cfg.model.model_dump(), label_map.to_dict()
+        )
         runs[name] = create_run(uri, "exp", run_name=name)
         for file in bundle.iterdir():
             RunLogger(uri, runs[name]).log_artifact(file, "bundle")

@@ -81,7 +81,11 @@ def test_inside_a_ray_job_copy_relative_paths_that_would_miss_or_lose_data_are_r
     assert "e.g. data.root=$PWD/data/synth (also: ray.storage_path=$PWD/ray_results" in message
     assert "tracking.uri=sqlite:///$PWD/mlflow.db" in message
     # absolute paths from the submitting side pass; outside a job copy relative ones still resolve
-    absolute = [f"data.root={tmp_path}/data", f"ray.storage_path={tmp_path}/rr", f"tracking.uri=sqlite:///{tmp_path}/m.db"]
+    absolute = [
+        f"data.root={tmp_path}/data",
+        f"ray.storage_path={tmp_path}/rr",
+        f"tracking.uri=sqlite:///{tmp_path}/m.db",
+    ]
     assert resolve_paths(load(DEMO_CONFIG, absolute), job_copy).data.root == f"{tmp_path}/data"
     assert resolve_paths(cfg, tmp_path).data.root == str(tmp_path / "data" / "synth")
 
@@ -113,7 +117,11 @@ def test_entry_points_report_bad_input_in_one_line_with_status_2(module, args, e
 
 def test_missing_config_file_is_a_usage_error(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "ray_jobs.train", "--config", "nope.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "ray_jobs.train", "--config", "nope.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2 and "config file not found: nope.yaml" in proc.stderr and "Traceback" not in proc.stderr
 

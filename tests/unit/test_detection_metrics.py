@@ -46,7 +46,9 @@ def test_ap_per_class_curves_and_best_f1():
 def test_confusion_matrix_counts_confusions_misses_and_false_alarms():
     cm = ConfusionMatrix(nc=2, conf=0.25, iou=0.45)
     # gt0 (class 0) found as class 0; gt1 (class 1) found as class 0; a 0.1-confidence box is ignored
-    cm.process(np.array([0, 1, 0]), np.array([0.9, 0.1, 0.8]), np.array([0, 1]), np.array([[0.9, 0.0, 0.0], [0.0, 0.7, 0.6]]))
+    cm.process(
+        np.array([0, 1, 0]), np.array([0.9, 0.1, 0.8]), np.array([0, 1]), np.array([[0.9, 0.0, 0.0], [0.0, 0.7, 0.6]])
+    )
     cm.process(np.array([1]), np.array([0.5]), np.array([], dtype=int), np.zeros((0, 1)))  # false alarm
     cm.process(np.array([], dtype=int), np.array([]), np.array([1]), np.zeros((1, 0)))  # missed
     assert cm.matrix.tolist() == [[1, 1, 0], [0, 0, 1], [0, 1, 0]]
@@ -55,9 +57,13 @@ def test_confusion_matrix_counts_confusions_misses_and_false_alarms():
 
 def test_dice_of_a_matched_pair():
     # areas 20 (pred) and 30 (true) overlapping in 20 px: IoU 2/3 -> matched; Dice = 2*20 / 50
-    dice, classes = matched_dice(np.array([20.0]), np.array([30.0]), np.array([[20.0]]), np.array([[2 / 3]]), np.array([0]), np.array([0]))
+    dice, classes = matched_dice(
+        np.array([20.0]), np.array([30.0]), np.array([[20.0]]), np.array([[2 / 3]]), np.array([0]), np.array([0])
+    )
     assert dice.tolist() == [pytest.approx(0.8)] and classes.tolist() == [0]
-    dice, _ = matched_dice(np.array([10.0]), np.array([30.0]), np.array([[10.0]]), np.array([[1 / 3]]), np.array([0]), np.array([0]))
+    dice, _ = matched_dice(
+        np.array([10.0]), np.array([30.0]), np.array([[10.0]]), np.array([[1 / 3]]), np.array([0]), np.array([0])
+    )
     assert dice.size == 0, "IoU below 0.5: not matched"
 
 
@@ -69,8 +75,15 @@ def test_metrics_cli_on_ground_truth_as_results(tmp_path, synth_root, capsys):
     for ann in gt["annotations"]:
         image = images[ann["image_id"]]
         rle = mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], image["height"], image["width"]))
-        results.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": ann["bbox"], "score": 0.9,
-                        "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})
+        results.append(
+            {
+                "image_id": ann["image_id"],
+                "category_id": ann["category_id"],
+                "bbox": ann["bbox"],
+                "score": 0.9,
+                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+            }
+        )
     (tmp_path / "r.json").write_text(json.dumps(results))
     assert cli_main(["metrics", str(gt_path), str(tmp_path / "r.json"), "--out", str(tmp_path / "m")]) == 0
     report = json.loads((tmp_path / "m" / "metrics.json").read_text())
@@ -79,7 +92,14 @@ def test_metrics_cli_on_ground_truth_as_results(tmp_path, synth_root, capsys):
     matrix = np.array(report["confusion_matrix"])
     assert matrix.trace() == len(gt["annotations"]) and matrix.sum() == len(gt["annotations"])
     assert set(report["per_class_ap"]) == {"circle", "rectangle", "triangle"}
-    for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "PR_curve.png", "P_curve.png", "R_curve.png", "F1_curve.png"):
+    for name in (
+        "confusion_matrix.png",
+        "confusion_matrix_normalized.png",
+        "PR_curve.png",
+        "P_curve.png",
+        "R_curve.png",
+        "F1_curve.png",
+    ):
         assert (tmp_path / "m" / name).stat().st_size > 1000, name
 
 
@@ -97,6 +117,8 @@ def test_metrics_cli_reproduces_official_cocoapi_numbers(tmp_path, capsys):
 def test_metrics_cli_bad_input_exits_2(tmp_path, synth_root, capsys):
     gt = synth_root / "annotations" / "instances_val.json"
     assert cli_main(["metrics", str(gt), str(tmp_path / "missing.json")]) == 2
-    (tmp_path / "bad.json").write_text(json.dumps([{"image_id": 999999, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1}]))
+    (tmp_path / "bad.json").write_text(
+        json.dumps([{"image_id": 999999, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1}])
+    )
     assert cli_main(["metrics", str(gt), str(tmp_path / "bad.json")]) == 2
     assert "image_id 999999 is not an image of the ground truth" in capsys.readouterr().err

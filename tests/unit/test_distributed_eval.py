@@ -16,7 +16,9 @@ from instseg.engine.loops import evaluate
 from instseg.metrics.coco_eval import CocoEvaluator
 from instseg.models import build_model
 
-MODEL = ModelConfig(arch="tiny", weights="none", min_size=128, max_size=160, box_score_thresh=0.0, box_detections_per_img=20)
+MODEL = ModelConfig(
+    arch="tiny", weights="none", min_size=128, max_size=160, box_score_thresh=0.0, box_detections_per_img=20
+)
 
 
 def _free_port() -> int:
@@ -36,7 +38,9 @@ def _worker(rank: int, world: int, port: int, weights: str, root: str, out: str)
         evaluator = CocoEvaluator(dataset.coco, dataset.label_map)
         metrics = evaluate_sharded(model, dataset, DataConfig(root=root, batch_size=2), torch.device("cpu"), evaluator)
         if rank == 0:
-            torch.save({"metrics": metrics, "images": sorted(evaluator.image_ids), "detections": len(evaluator.results)}, out)
+            torch.save(
+                {"metrics": metrics, "images": sorted(evaluator.image_ids), "detections": len(evaluator.results)}, out
+            )
         else:
             assert metrics is None
     finally:

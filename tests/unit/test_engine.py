@@ -47,7 +47,12 @@ def test_validation_loss_does_not_depend_on_or_move_the_random_stream(synth_root
 
 def test_early_stopping_counts_epochs_without_improvement_beyond_min_delta():
     stopper = EarlyStopping(patience=2, min_delta=0.01)
-    assert [stopper.step(v, e) for e, v in enumerate([0.10, 0.20, 0.205, 0.209], start=1)] == [False, False, False, True]
+    assert [stopper.step(v, e) for e, v in enumerate([0.10, 0.20, 0.205, 0.209], start=1)] == [
+        False,
+        False,
+        False,
+        True,
+    ]
     assert (stopper.best, stopper.best_epoch, stopper.stopped_epoch) == (0.20, 2, 4)
     assert "best 0.20000 at epoch 2" in stopper.reason and "stopped after epoch 4" in stopper.reason
     restored = EarlyStopping(patience=2)
@@ -77,7 +82,9 @@ def test_mask_dice_weight_adds_a_trainable_loss_term(synth_root):
     plain = build_model(ModelConfig(arch="tiny", weights="none", min_size=128, max_size=160), 4).train()
     assert DICE_LOSS not in plain(images, targets)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="tiny", weights="none", min_size=128, max_size=160, mask_dice_weight=0.5), 4).train()
+    model = build_model(
+        ModelConfig(arch="tiny", weights="none", min_size=128, max_size=160, mask_dice_weight=0.5), 4
+    ).train()
     assert isinstance(model.roi_heads, DiceRoIHeads)
     losses = model(images, targets)
     assert 0 < losses[DICE_LOSS].item() <= 0.5

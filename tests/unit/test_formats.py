@@ -45,7 +45,10 @@ def test_yolo_polygons_round_trip_without_loss(tmp_path):
         normalised = [v / (image["width"] if i % 2 == 0 else image["height"]) for i, v in enumerate(poly)]
         by_file.setdefault(image["file_name"], []).append([ann["category_id"] - 1, *normalised])
     for file_name, rows in by_file.items():
-        original = [[float(v) for v in line.split()] for line in (src / "labels" / "train" / file_name.replace(".jpg", ".txt")).read_text().splitlines()]
+        original = [
+            [float(v) for v in line.split()]
+            for line in (src / "labels" / "train" / file_name.replace(".jpg", ".txt")).read_text().splitlines()
+        ]
         assert len(rows) == len(original)
         for got, want in zip(rows, original):
             assert got == pytest.approx(want, abs=1e-12)
@@ -53,7 +56,9 @@ def test_yolo_polygons_round_trip_without_loss(tmp_path):
 
 def test_coco128_seg_converts_every_image(tmp_path):
     counts = convert(shared_dataset("coco128-seg"), tmp_path / "c128")
-    assert counts == {"train2017": {"images": 128, "instances": 929, "classes": 71}}  # 12 more polygons sit in 2 orphan label files
+    assert counts == {
+        "train2017": {"images": 128, "instances": 929, "classes": 71}
+    }  # 12 more polygons sit in 2 orphan label files
 
 
 def test_roboflow_export_is_detected_and_converted(tmp_path, synth_root):

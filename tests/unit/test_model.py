@@ -112,8 +112,11 @@ def test_official_coco_file_loads_with_heads_replaced_for_the_dataset(official_f
     assert model.roi_heads.box_predictor.cls_score.out_features == 4
     assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 4
     reinitialised = {k for k in coco if k.startswith(CLASS_HEAD_PREFIXES)}
-    heads = {"roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred",
-             "roi_heads.mask_predictor.mask_fcn_logits"}
+    heads = {
+        "roi_heads.box_predictor.cls_score",
+        "roi_heads.box_predictor.bbox_pred",
+        "roi_heads.mask_predictor.mask_fcn_logits",
+    }
     assert {k.rsplit(".", 1)[0] for k in reinitialised} == heads
     assert reinitialised and all(torch.equal(state[k], v) for k, v in coco.items() if k not in reinitialised)
     # the fine-tuning layout torchvision uses for pretrained weights: stem and layer1 frozen (3 trainable stages)
@@ -183,8 +186,13 @@ def test_training_entry_point_stops_on_missing_weights_before_any_worker(tmp_pat
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv(OFFLINE_ENV, "1")
-    argv = ["--config", str(DEMO_CONFIG), f"data.root={synth_root}", "model.arch=maskrcnn_resnet50_fpn_v2",
-            "model.weights=DEFAULT"]
+    argv = [
+        "--config",
+        str(DEMO_CONFIG),
+        f"data.root={synth_root}",
+        "model.arch=maskrcnn_resnet50_fpn_v2",
+        "model.weights=DEFAULT",
+    ]
     assert run_cli(main, argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and COCO_V2_FILE in err and "Traceback" not in err

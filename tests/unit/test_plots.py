@@ -48,8 +48,9 @@ def test_confusion_matrix_names_every_class_on_a_canvas_sized_to_them(classes, f
 def curves_for(classes: int):
     rng = np.random.default_rng(0)
     n = 40 * classes
-    return ap_per_class(rng.random((n, 10)) > 0.5, rng.random(n), np.repeat(np.arange(classes), 40),
-                        np.repeat(np.arange(classes), 30))
+    return ap_per_class(
+        rng.random((n, 10)) > 0.5, rng.random(n), np.repeat(np.arange(classes), 40), np.repeat(np.arange(classes), 30)
+    )
 
 
 def test_few_classes_get_a_colour_and_a_name_with_their_ap_and_the_pr_legend_names_both_aps(figures, tmp_path):
@@ -77,8 +78,12 @@ def test_many_classes_are_thin_grey_lines_under_a_bold_mean(figures, tmp_path):
 
 def test_the_validation_grid_keeps_aspect_ratios_and_puts_truth_beside_predictions(tmp_path):
     wide, tall = torch.zeros((3, 60, 120), dtype=torch.uint8), torch.zeros((3, 120, 60), dtype=torch.uint8)
-    truth = {"masks": torch.zeros((1, 60, 120), dtype=torch.bool), "boxes": [[10, 10, 50, 40]], "classes": [0],
-             "scores": None}
+    truth = {
+        "masks": torch.zeros((1, 60, 120), dtype=torch.bool),
+        "boxes": [[10, 10, 50, 40]],
+        "classes": [0],
+        "scores": None,
+    }
     truth["masks"][0, 10:40, 10:50] = True
     nothing = {"masks": torch.zeros((0, 120, 60), dtype=torch.bool), "boxes": [], "classes": [], "scores": []}
     samples = [(wide, truth, {**truth, "scores": [0.9]}), (tall, {**nothing, "scores": None}, nothing)]

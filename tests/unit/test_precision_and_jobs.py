@@ -32,13 +32,22 @@ def test_fp16_on_cpu_falls_back_to_fp32_and_says_so():
 def test_train_step_with_bf16_autocast_and_clipping_runs_on_cpu(synth_root):
     torch.manual_seed(0)
     dataset = CocoInstanceDataset(synth_root, "train")
-    model = build_model(ModelConfig(arch="tiny", weights="none", min_size=128, max_size=160), dataset.label_map.num_classes)
+    model = build_model(
+        ModelConfig(arch="tiny", weights="none", min_size=128, max_size=160), dataset.label_map.num_classes
+    )
     train = TrainConfig(lr=0.01, warmup_iters=0, grad_clip_norm=0.5, weight_decay=0.0)
     optimizer = build_optimizer(model, train)
     batches = [collate([dataset[0], dataset[1]])]
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    metrics = train_one_epoch(model, optimizer, batches, CPU, build_scheduler(optimizer, train, 1),
-                              precision=resolve_precision("bf16", CPU), grad_clip_norm=train.grad_clip_norm)
+    metrics = train_one_epoch(
+        model,
+        optimizer,
+        batches,
+        CPU,
+        build_scheduler(optimizer, train, 1),
+        precision=resolve_precision("bf16", CPU),
+        grad_clip_norm=train.grad_clip_norm,
+    )
     assert metrics[TRAIN_LOSS] > 0 and metrics[WORKER_THROUGHPUT] > 0
     after = [p for p in model.parameters() if p.requires_grad]
     moved = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(after, before)))
@@ -67,18 +76,45 @@ def test_checkpoint_holds_everything_a_resume_needs(tmp_path):
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    save_checkpoint(tmp_path, model=model, optimizer=optimizer, scheduler=scheduler, epoch=3, config={"seed": 0},
-                    label_map={"names": ["a"]}, metrics={"fitness": 0.5}, early_stopping={"best": 0.5}, scaler={"scale": 1024.0},
-                    results=[{"epoch": 1, "train/loss": 2.0}, {"epoch": 2, "train/loss": 1.5}])
+    save_checkpoint(
+        tmp_path,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        epoch=3,
+        config={"seed": 0},
+        label_map={"names": ["a"]},
+        metrics={"fitness": 0.5},
+        early_stopping={"best": 0.5},
+        scaler={"scale": 1024.0},
+        results=[{"epoch": 1, "train/loss": 2.0}, {"epoch": 2, "train/loss": 1.5}],
+    )
     state = load_checkpoint(tmp_path)  # weights_only=True: plain tensors and builtins only
     assert state["epoch"] == 3 and state["scaler"] == {"scale": 1024.0} and state["early_stopping"] == {"best": 0.5}
     assert state["results"] == [{"epoch": 1, "train/loss": 2.0}, {"epoch": 2, "train/loss": 1.5}]
-    assert set(state) == {"model", "optimizer", "scheduler", "epoch", "config", "label_map", "metrics", "early_stopping", "scaler",
-                          "results"}
+    assert set(state) == {
+        "model",
+        "optimizer",
+        "scheduler",
+        "epoch",
+        "config",
+        "label_map",
+        "metrics",
+        "early_stopping",
+        "scaler",
+        "results",
+    }
 
 
 def test_job_logs_give_the_run_id_and_the_summary():
-    logs = "started MLflow run " + "a" * 32 + " 'x'\nepoch 1/1 ...\n" + RESULT_MARKER + json.dumps({"run_id": "b" * 32, "metrics": {}}) + "\n"
+    logs = (
+        "started MLflow run "
+        + "a" * 32
+        + " 'x'\nepoch 1/1 ...\n"
+        + RESULT_MARKER
+        + json.dumps({"run_id": "b" * 32, "metrics": {}})
+        + "\n"
+    )
     assert parse_logs(logs) == ("b" * 32, {"run_id": "b" * 32, "metrics": {}})
     assert parse_logs("resuming MLflow run " + "c" * 32 + " 'x'\nTraceback ...") == ("c" * 32, None)  # a failed job
     assert parse_logs("nothing") == (None, None)

@@ -38,4 +38,3 @@ def test_level_nms_keeps_torchvisions_proposals_in_its_order(training):
         assert torch.equal(our_boxes, their_boxes)
     for our_scores, their_scores in zip(ours[1], reference[1]):
         assert torch.equal(our_scores, their_scores)
-

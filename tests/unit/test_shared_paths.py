@@ -32,8 +32,10 @@ def three_nodes(monkeypatch):
     "unseen, message",
     [
         ({"ray.storage_path": ["10.0.0.2"]}, "is not shared: node(s) 10.0.0.2 of this 3-node cluster cannot see it"),
-        ({"tracking.uri": ["10.0.0.1", "10.0.0.2"]}, "that node(s) 10.0.0.1, 10.0.0.2 cannot reach: start "
-                                                      "`instseg tracking serve`"),
+        (
+            {"tracking.uri": ["10.0.0.1", "10.0.0.2"]},
+            "that node(s) 10.0.0.1, 10.0.0.2 cannot reach: start `instseg tracking serve`",
+        ),
     ],
 )
 def test_a_folder_a_node_cannot_see_is_refused_in_one_line(three_nodes, monkeypatch, tmp_path, unseen, message):

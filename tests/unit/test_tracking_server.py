@@ -15,8 +15,9 @@ def test_a_backend_that_is_not_postgresql_or_sqlite_is_refused(backend):
 
 
 def test_a_database_that_does_not_answer_is_named_without_its_password(capsys):
-    code = cli_main(["tracking", "serve", "--backend", "postgresql://mlflow:S3CRET@127.0.0.1:1/mlflow",
-                     "--artifacts", "unused"])
+    code = cli_main(
+        ["tracking", "serve", "--backend", "postgresql://mlflow:S3CRET@127.0.0.1:1/mlflow", "--artifacts", "unused"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "does not answer" in err and "S3CRET" not in err and len(err.strip().splitlines()) == 1
 

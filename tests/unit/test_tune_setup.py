@@ -59,8 +59,10 @@ PBT = ["tune.scheduler=pbt", "tune.search=random", "tune.num_samples=2"]
     "overrides, needs",
     [
         (["tune.search=optuna-tpe"], "tune.search=random (got optuna-tpe"),
-        (["tune.num_samples=5", "tune.max_concurrent_trials=2"],
-         "tune.num_samples (5) <= tune.max_concurrent_trials (2)"),
+        (
+            ["tune.num_samples=5", "tune.max_concurrent_trials=2"],
+            "tune.num_samples (5) <= tune.max_concurrent_trials (2)",
+        ),
         (["train.patience=3"], "train.patience=0"),
         (["tune.search_space={model.min_size: {type: choice, values: [128, 160]}}"], "(got model.min_size)"),
     ],
@@ -72,12 +74,14 @@ def test_pbt_refuses_what_it_cannot_explore_or_run(overrides, needs):
 
 
 def test_pbt_keeps_explored_values_in_the_search_space():
-    keep = WithinSearchSpace({
-        "train.lr": SearchDimension(type="loguniform", low=0.001, high=0.01),
-        "train.momentum": SearchDimension(type="uniform", low=0.8, high=0.95),
-        "data.batch_size": SearchDimension(type="randint", low=2, high=5),
-        "train.optimizer": SearchDimension(type="choice", values=["sgd", "adamw"]),
-    })
+    keep = WithinSearchSpace(
+        {
+            "train.lr": SearchDimension(type="loguniform", low=0.001, high=0.01),
+            "train.momentum": SearchDimension(type="uniform", low=0.8, high=0.95),
+            "data.batch_size": SearchDimension(type="randint", low=2, high=5),
+            "train.optimizer": SearchDimension(type="choice", values=["sgd", "adamw"]),
+        }
+    )
     explored = keep({"train.lr": 0.012, "train.momentum": 0.64, "data.batch_size": 6, "train.optimizer": "adamw"})
     assert explored == {"train.lr": 0.01, "train.momentum": 0.8, "data.batch_size": 4, "train.optimizer": "adamw"}
     assert keep({"train.lr": 0.005, "train.momentum": 0.9})["train.lr"] == 0.005
