@@ -63,13 +63,14 @@ def ray_job(cfg) -> tuple[list[float], float, float]:
     """(images/s per epoch inside the worker, fit() wall time, seconds spent in epochs)."""
     from instseg.metrics.names import WORKER_THROUGHPUT
     from instseg.tracking.runs import RunLogger
-    from ray_jobs.trainer import build_trainer, fit_and_log, open_train_run
+    from ray_jobs.driver_run import fit_and_log, open_train_run
+    from ray_jobs.trainer import build_trainer
 
     name = cfg.run_name
-    run_id, _ = open_train_run(cfg, cfg.tracking.uri, name)
-    trainer = build_trainer(cfg, tracking_uri=cfg.tracking.uri, run_id=run_id, name=name)
+    run_id, _ = open_train_run(cfg, name)
+    trainer = build_trainer(cfg, run_id=run_id, name=name)
     started = time.perf_counter()
-    fit_and_log(trainer, cfg.tracking.uri, run_id)
+    fit_and_log(trainer, cfg, run_id)
     wall = time.perf_counter() - started
     run = RunLogger(cfg.tracking.uri, run_id)
     rates, epoch_times = (

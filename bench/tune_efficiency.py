@@ -70,16 +70,16 @@ def run_study(name: str, scheduler: str, args: argparse.Namespace, data: Path, w
     started = time.perf_counter()
     summary = run_tuning(cfg)
     wall = time.perf_counter() - started
-    return {"summary": summary, "wall_s": wall, "tracking_uri": cfg.tracking.uri}
+    return {"summary": summary, "wall_s": wall, "store": cfg.tracking.uri}
 
 
-def trial_points(tracking_uri: str, summary: Any) -> tuple[list[tuple[float, float]], list[dict[str, float]]]:
+def trial_points(store: str, summary: Any) -> tuple[list[tuple[float, float]], list[dict[str, float]]]:
     """Every (timestamp, fitness) the study's trials reported, in time order, and each trial's overhead parts."""
     from mlflow import MlflowClient
 
     from instseg.metrics.names import EPOCH_TIME, FITNESS, SETUP_TIME
 
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(store)
     points, overheads = [], []
     for trial in summary.trials:
         if trial.run_id is None:
@@ -135,7 +135,7 @@ def main() -> None:
         synthesize(work / "synth", images=args.images, seed=1)
         for label in args.schedulers.split(","):
             study = run_study(f"bench-{label}", SCHEDULERS[label], args, work / "synth", work)
-            points, overheads = trial_points(study["tracking_uri"], study["summary"])
+            points, overheads = trial_points(study["store"], study["summary"])
             results[label] = {
                 "wall_s": study["wall_s"],
                 "points": points,

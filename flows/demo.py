@@ -14,13 +14,14 @@ from typing import Any, Iterator, Sequence
 
 from flows.pipeline import FLOW_NAME, tune_register_promote
 from instseg.cli import parse_command
+from instseg.config import Config
 from instseg.data.coco import annotation_path
 from instseg.data.synth import synthesize, synthesized_with
 from instseg.metrics.names import FITNESS
 from instseg.tracking.registry import aliases
 from ray_jobs.cli_common import load_config, run_cli
 from ray_jobs.runtime import init_ray
-from tuning.tune import TuneSummary, format_params, format_trials
+from tuning.summary import TuneSummary, format_params, format_trials
 
 
 def _bin_dir() -> str:
@@ -32,7 +33,8 @@ def _bin_dir() -> str:
         return f"{folder}/"
 
 
-def print_summary(result: dict[str, Any], elapsed: float, data_root: str, val_split: str, tracking_uri: str) -> None:
+def print_summary(result: dict[str, Any], elapsed: float, cfg: Config) -> None:
+    data_root, val_split = os.path.relpath(cfg.data.root), cfg.data.val_split
     tuned = TuneSummary.from_dict(result["tune"])
     reg, promo = result["registration"], result["promotion"]
     print("\n" + "=" * 78)
@@ -49,7 +51,7 @@ def print_summary(result: dict[str, Any], elapsed: float, data_root: str, val_sp
         f"promotion        challenger {promo['challenger_fitness']:.5f} vs champion {previous}: "
         f"{'promoted' if promo['promoted'] else 'kept champion'}"
     )
-    print(f"aliases          {aliases(tracking_uri, reg['model_name'])}")
+    print(f"aliases          {aliases(cfg.tracking.uri, reg['model_name'])}")
     champion = promo["challenger_metrics"] if promo["promoted"] else promo["champion_metrics"] or {}
     if champion:
         print(
@@ -109,7 +111,7 @@ def flow_command(args: argparse.Namespace) -> int:
         init_ray(cfg.ray.address)
         result = tune_register_promote(config_path=args.config, overrides=args.overrides)
     elapsed = time.perf_counter() - started
-    print_summary(result, elapsed, os.path.relpath(cfg.data.root), cfg.data.val_split, cfg.tracking.uri)
+    print_summary(result, elapsed, cfg)
     return 0
 
 

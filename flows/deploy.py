@@ -169,17 +169,18 @@ def deploy_command(args: argparse.Namespace) -> int:
 
         serve(build_deployment(args.config, args.overrides, schedule=schedule, ray_address=args.ray_address))
         return 0
+    pool = args.pool or WORK_POOL
     deployment_id = deploy_to_pool(
         args.config,
         args.overrides,
         schedule=schedule,
-        pool=args.pool,
+        pool=pool,
         gpu_slots=args.gpu_slots,
         ray_address=args.ray_address,
     )
     print(
-        f"deployment {tune_register_promote.name}/{DEPLOYMENT_NAME} ({deployment_id}) on work pool {args.pool}; "
-        f"start a worker: prefect worker start --pool {args.pool}"
+        f"deployment {tune_register_promote.name}/{DEPLOYMENT_NAME} ({deployment_id}) on work pool {pool}; "
+        f"start a worker: prefect worker start --pool {pool}"
     )
     return 0
 

@@ -13,7 +13,6 @@ trials (flows.reports) and the promotion decision.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,12 +32,13 @@ from flows.reports import PROMOTION_ARTIFACT, TRIALS_ARTIFACT, promotion_markdow
 from instseg.config import Config, load, resolve_paths
 from instseg.evaluation import render_example
 from instseg.models.bundle import load_bundle
-from instseg.promotion import describe, promote_on_split, register_run
+from instseg.promotion import Registration, describe, promote_on_split, register_run
 from instseg.tracking.registry import CHALLENGER, download_bundle, model_version_run, registered_from
 from instseg.tracking.runs import RunLogger
-from ray_jobs.runtime import start_local_ray
-from ray_jobs.trainer import preflight
-from tuning.tune import ORCHESTRATION_CPUS, TuneSummary, run_tuning
+from ray_jobs.driver_run import preflight
+from ray_jobs.runtime import ORCHESTRATION_CPUS, ray_target, start_local_ray
+from tuning.summary import TuneSummary
+from tuning.tune import run_tuning
 
 FLOW_NAME = "instseg-tune-register-promote"
 # how a worker finds it (flows.deploy, prefect.yaml): a module path, so that Ray workers unpickle its tasks from
@@ -66,7 +66,7 @@ class LocalOrClusterRayTaskRunner(RayTaskRunner):
 
     def __enter__(self) -> "LocalOrClusterRayTaskRunner":
         self._started_local = False
-        if not ray.is_initialized() and self.address in (None, "local") and not os.environ.get("RAY_ADDRESS"):
+        if not ray.is_initialized() and ray_target(self.address) == "local":
             start_local_ray(**self.init_kwargs)
             self._started_local = True
         return super().__enter__()
@@ -82,7 +82,7 @@ class LocalOrClusterRayTaskRunner(RayTaskRunner):
 @task(name="tune", timeout_seconds=TUNE_TIMEOUT_S)
 def tune_task(config: dict[str, Any]) -> dict[str, Any]:
     cfg = Config.model_validate(config)
-    summary = run_tuning(cfg)
+    summary = run_tuning(cfg, preflighted=True)  # by the flow, before it dispatched this task
     experiment = MlflowClient(cfg.tracking.uri).get_experiment_by_name(cfg.tracking.experiment)
     create_markdown_artifact(
         markdown=trials_markdown(summary, experiment.experiment_id if experiment else None),
@@ -110,14 +110,15 @@ def register_task(config: dict[str, Any], tuned: dict[str, Any]) -> dict[str, An
     else:  # an earlier attempt registered it and failed after
         MlflowClient(cfg.tracking.uri).set_registered_model_alias(name, CHALLENGER, version)
     get_run_logger().info("registered %s version %s (challenger)", name, version)
-    return {"model_name": cfg.registry.model_name, "version": version, "tracking_uri": summary.tracking_uri}  # redacted
+    return Registration(cfg.registry.model_name, version, summary.tracking_uri).to_dict()  # (redacted)
 
 
 @task(name="promote", timeout_seconds=PROMOTE_TIMEOUT_S, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS)
 def promote_task(config: dict[str, Any], registered: dict[str, Any]) -> dict[str, Any]:
     cfg = Config.model_validate(config)
     decided_by = f"prefect flow run {flow_run.name} ({flow_run.id})"
-    result = promote_on_split(cfg, registered["model_name"], registered["version"], decided_by=decided_by)
+    registration = Registration.from_dict(registered)
+    result = promote_on_split(cfg, registration.model_name, registration.version, decided_by=decided_by)
     get_run_logger().info(describe(result))
     create_markdown_artifact(
         markdown=promotion_markdown(result.to_dict()),
@@ -132,15 +133,14 @@ def showcase_task(config: dict[str, Any], promoted: dict[str, Any]) -> dict[str,
     """One validation image with the champion's masks drawn beside its ground truth, logged to the champion's
     run (artifact champion/) and kept under the Ray storage path when that is a local folder."""
     cfg = Config.model_validate(config)
-    tracking_uri = cfg.tracking.uri
     name, version = promoted["model_name"], promoted["champion_after"]
     with tempfile.TemporaryDirectory(prefix="instseg-showcase-") as tmp:
-        bundle = download_bundle(tracking_uri, f"models:/{name}/{version}", Path(tmp) / "bundle")
+        bundle = download_bundle(cfg.tracking.uri, f"models:/{name}/{version}", Path(tmp) / "bundle")
         model, label_map, _ = load_bundle(bundle)
         drawn = Path(tmp) / f"{name}-v{version}-{cfg.data.val_split}.png"
         image_id = render_example(model, label_map, cfg.data, cfg.data.val_split, drawn, f"champion {name} v{version}")
-        run_id = model_version_run(tracking_uri, name, version)
-        RunLogger(tracking_uri, run_id).log_artifact(drawn, SHOWCASE_ARTIFACT_PATH)
+        run_id = model_version_run(cfg.tracking.uri, name, version)
+        RunLogger(cfg.tracking.uri, run_id).log_artifact(drawn, SHOWCASE_ARTIFACT_PATH)
         kept = None
         if "://" not in cfg.ray.storage_path:
             kept = Path(cfg.ray.storage_path) / "champions" / drawn.name

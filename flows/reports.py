@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from instseg.metrics.names import FITNESS
-from tuning.tune import TuneSummary, format_params
+from tuning.summary import TuneSummary, format_params
 
 TRIALS_ARTIFACT = "instseg-trials"
 PROMOTION_ARTIFACT = "instseg-promotion"
@@ -16,12 +16,12 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.5f}"
 
 
-def run_link(tracking_uri: str, experiment_id: str | None, run_id: str | None) -> str:
+def run_link(uri: str, experiment_id: str | None, run_id: str | None) -> str:
     """A trial's MLflow run: a link when the tracking server is reachable over HTTP, else its id."""
     if run_id is None:
         return "-"
-    if tracking_uri.startswith(("http://", "https://")) and experiment_id is not None:
-        return f"[{run_id[:8]}]({tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})"
+    if uri.startswith(("http://", "https://")) and experiment_id is not None:
+        return f"[{run_id[:8]}]({uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})"
     return f"`{run_id}`"
 
 

@@ -125,13 +125,13 @@ def _metrics(args: argparse.Namespace) -> int:
     from instseg.config import MetricsConfig
     from instseg.data.coco import load_coco
     from instseg.data.schema import check_results, read_json_file
-    from instseg.metrics.report import evaluate_results, write_report
+    from instseg.metrics.report import score_results, write_report
 
     coco_gt = load_coco(Path(args.gt))
     results = check_results(
         read_json_file(Path(args.results)), args.results, coco_gt.imgs, set(coco_gt.getCatIds()), args.iou_type
     )
-    report, curves, matrix = evaluate_results(
+    report, curves, matrix = score_results(
         coco_gt,
         results,
         args.iou_type,
@@ -148,39 +148,41 @@ def _metrics(args: argparse.Namespace) -> int:
 
 def _val(args: argparse.Namespace) -> int:
     from instseg.evaluation import score_model
+    from instseg.tracking.model_source import local_model
 
-    report, files = score_model(
-        args.model,
-        Path(args.data),
-        args.split,
-        Path(args.out),
-        args.iou_type,
-        args.device,
-        args.batch,
-        args.conf,
-        args.iou,
-        args.backend,
-        args.tracking_uri,
-        args.ultralytics,
-    )
+    with local_model(args.model, _store(args)) as model:
+        report, files = score_model(
+            model,
+            Path(args.data),
+            args.split,
+            Path(args.out),
+            args.iou_type,
+            args.device,
+            args.batch,
+            args.conf,
+            args.iou,
+            args.backend,
+            args.ultralytics,
+        )
     print_report(report, files, args.out)
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
     from instseg.predict import predict
+    from instseg.tracking.model_source import local_model
 
-    summary = predict(
-        args.model,
-        args.images,
-        args.out,
-        tracking_uri=args.tracking_uri,
-        device=args.device,
-        batch_size=args.batch,
-        conf=args.conf,
-        gt=args.gt,
-        save_images=args.save_images,
-    )
+    with local_model(args.model, _store(args)) as model:
+        summary = predict(
+            model,
+            args.images,
+            args.out,
+            device=args.device,
+            batch_size=args.batch,
+            conf=args.conf,
+            gt=args.gt,
+            save_images=args.save_images,
+        )
     drawn = f", drawn in {summary['drawn']}" if "drawn" in summary else ""
     print(
         f"{summary['detections']} detections on {summary['images']} images ({summary['device']}) -> "
@@ -189,12 +191,20 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store(args: argparse.Namespace, configured: str | None = None) -> str:
+    """The MLflow tracking store a command talks to: --tracking-uri > the config's > MLFLOW_TRACKING_URI > the
+    default, relative sqlite paths made absolute (config.absolute_tracking_uri)."""
+    from instseg.config import absolute_tracking_uri
+
+    return absolute_tracking_uri(args.tracking_uri or configured)
+
+
 def _runs_clean(args: argparse.Namespace) -> int:
-    from instseg.config import absolute_tracking_uri, load
+    from instseg.config import load
     from instseg.tracking.liveness import close_orphaned_runs
 
     cfg = load(args.config) if args.config else None
-    uri = absolute_tracking_uri(args.tracking_uri or (cfg.tracking.uri if cfg else None))
+    uri = _store(args, cfg.tracking.uri if cfg else None)
     experiments = [args.experiment] if args.experiment else ([cfg.tracking.experiment] if cfg else None)
     closed = close_orphaned_runs(uri, experiments)
     for run_id, name, note in closed:
@@ -215,9 +225,8 @@ def _add_format_options(parser: argparse.ArgumentParser) -> None:
 
 def _models(args: argparse.Namespace) -> int:
     from instseg.tracking.registry import list_versions
-    from instseg.tracking.runs import resolve_tracking_uri
 
-    rows = list_versions(resolve_tracking_uri(args.tracking_uri), args.name)
+    rows = list_versions(_store(args), args.name)
     print(f"{'version':>7}  {'aliases':<22} {'fitness':>10}  {'promotion':<18} run")
     for row in rows:
         fitness = row.fitness if row.fitness == "-" else f"{float(row.fitness):.5f}"
@@ -227,10 +236,8 @@ def _models(args: argparse.Namespace) -> int:
 
 def _register(args: argparse.Namespace) -> int:
     from instseg.promotion import register_run
-    from instseg.tracking.runs import resolve_tracking_uri
 
-    tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    version = register_run(tracking_uri, args.run, args.name, tags={"source": "instseg register"})
+    version = register_run(_store(args), args.run, args.name, tags={"source": "instseg register"})
     print(f"registered run {args.run} as {args.name} version {version} (challenger)")
     return 0
 
@@ -246,9 +253,8 @@ def _promote(args: argparse.Namespace) -> int:
 
 def _rollback(args: argparse.Namespace) -> int:
     from instseg.tracking.registry import CHAMPION, rollback
-    from instseg.tracking.runs import resolve_tracking_uri
 
-    before, after = rollback(resolve_tracking_uri(args.tracking_uri), args.name)
+    before, after = rollback(_store(args), args.name)
     print(f"{args.name}: {CHAMPION} moved from version {before} back to version {after}")
     return 0
 
@@ -321,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--interval-minutes", type=float, default=None, help="run every N minutes")
     deploy.add_argument("--rrule", default=None, help="RFC 5545 recurrence rule")
     deploy.add_argument("--ray-address", default=None, help="Ray address (default: RAY_ADDRESS or a local instance)")
-    deploy.add_argument("--pool", default="instseg-process", help="process work pool, created if missing")
+    deploy.add_argument("--pool", default=None, help="process work pool, created if missing (default: instseg-process)")
     deploy.add_argument(
         "--gpu-slots",
         type=int,

@@ -331,7 +331,7 @@ def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def validate(raw: dict[str, Any], source: str = "config") -> Config:
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     """Build a Config from a plain dict, turning the first validation error into a ConfigError."""
     try:
         return Config.model_validate(raw)
@@ -378,10 +378,32 @@ def load(path: str | os.PathLike[str] | None = None, overrides: list[str] | tupl
         keys, value = parse_override(override)
         _check_override_key(keys, override)
         set_dotted(raw, keys, value)
-    cfg = validate(raw, source)
-    for dotted in cfg.tune.search_space:
-        check_dotted_key(dotted)
+    cfg = config_from_dict(raw, source)
+    check_search_space(cfg)
     return cfg
+
+
+def check_search_space(cfg: Config) -> None:
+    """The one check of tune.search_space, at load: each key names a config key, each dimension is well formed,
+    and every value it can produce (its bounds, its choices) is a valid value of its key."""
+    for key, dim in cfg.tune.search_space.items():
+        check_dotted_key(key)
+        where = f"tune.search_space.{key}"
+        if dim.type == "choice":
+            if not dim.values:
+                raise ConfigError(f"{where}: type choice needs a non-empty 'values' list")
+            samples = dim.values
+        elif dim.low is None or dim.high is None or dim.low >= dim.high:
+            raise ConfigError(f"{where}: type {dim.type} needs low < high (got low={dim.low}, high={dim.high})")
+        elif dim.type == "loguniform" and dim.low <= 0:
+            raise ConfigError(f"{where}: loguniform needs low > 0 (got {dim.low})")
+        else:
+            samples = [int(dim.low), int(dim.high)] if dim.type == "randint" else [dim.low, dim.high]
+        for value in samples:
+            try:
+                apply_overrides(cfg, {key: value})
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
 
 
 def check_dotted_key(dotted: str) -> None:
@@ -392,12 +414,12 @@ def check_dotted_key(dotted: str) -> None:
         raise ConfigError(f"search space key '{dotted}' is not a config key")
 
 
-def with_values(cfg: Config, values: dict[str, Any]) -> Config:
+def apply_overrides(cfg: Config, values: dict[str, Any]) -> Config:
     """A copy of cfg with dotted keys replaced (Tune's sampled parameters), validated again."""
     raw = cfg.model_dump()
     for dotted, value in values.items():
         set_dotted(raw, dotted.split("."), value)
-    return validate(raw, "search space")
+    return config_from_dict(raw, "search space")
 
 
 def flatten(cfg: Config) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from instseg.config import DataConfig
 from instseg.data.coco import CocoInstanceDataset, LabelMap, annotation_path
 from instseg.data.files import atomic_write_json
 from instseg.data.loaders import build_loader
-from instseg.engine.loops import evaluate
+from instseg.engine.loops import coco_metrics
 from instseg.errors import DataError
 from instseg.metrics.coco_eval import DEFAULT_BACKEND, Backend, CocoEvaluator
 from instseg.metrics.fitness import fitness
@@ -37,7 +37,7 @@ def evaluate_on_split(
     device = device or torch.device("cpu")
     dataset = CocoInstanceDataset(data.root, split, label_map=label_map, on_invalid=data.on_invalid)
     evaluator = CocoEvaluator(dataset.coco, label_map, backend=backend)
-    metrics = evaluate(model.to(device), build_loader(dataset, data, shuffle=False), device, evaluator)
+    metrics = coco_metrics(model.to(device), build_loader(dataset, data, shuffle=False), device, evaluator)
     metrics[FITNESS] = fitness(metrics, fitness_weights)
     return metrics
 
@@ -77,19 +77,18 @@ def score_model(
     conf: float = 0.25,
     iou: float = 0.45,
     backend: Backend = DEFAULT_BACKEND,
-    tracking_uri: str | None = None,
     ultralytics: bool = False,
 ) -> tuple[dict[str, Any], list[Path]]:
-    """`instseg val`: `model` (models:/, runs:/, a bundle or a checkpoint) predicts `root`'s `split`, scored as
+    """`instseg val`: `model` (a bundle folder or a checkpoint) predicts `root`'s `split`, scored as
     `instseg metrics` scores a results file; predictions.json, metrics.json and the plots go to `out`.
     `conf` and `iou` are the confusion matrix's thresholds; `ultralytics` scores P / R / F1 as Ultralytics does."""
     from instseg.config import MetricsConfig
-    from instseg.metrics.report import evaluate_results, write_report
+    from instseg.metrics.report import score_results, write_report
     from instseg.predict import load_model, predict_paths, resolve_device
 
     target = resolve_device(device)
     dataset = CocoInstanceDataset(root, split)
-    net, label_map = load_model(model, tracking_uri)
+    net, label_map = load_model(model)
     unknown = sorted(set(label_map.category_ids) - set(dataset.label_map.category_ids))
     if unknown:
         raise DataError(
@@ -101,6 +100,6 @@ def score_model(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "predictions.json", results)
     weights = MetricsConfig().fitness_weights
-    report, curves, matrix = evaluate_results(dataset.coco, results, iou_type, weights, conf, iou, backend, ultralytics)
+    report, curves, matrix = score_results(dataset.coco, results, iou_type, weights, conf, iou, backend, ultralytics)
     names = [dataset.coco.cats[c]["name"] for c in sorted(dataset.coco.getCatIds())]
     return report, [out / "predictions.json", *write_report(out, report, curves, matrix, names)]

@@ -176,13 +176,9 @@ def draw_prediction(
     return path
 
 
-def resolve_bundle(model: str, workdir: Path, tracking_uri: str | None = None) -> Path:
-    """models:/..., runs:/... (registry), a bundle folder, or a training checkpoint file or folder."""
-    if model.startswith(("models:/", "runs:/")):
-        from instseg.tracking.registry import download_bundle
-        from instseg.tracking.runs import resolve_tracking_uri
-
-        return download_bundle(resolve_tracking_uri(tracking_uri), model, workdir / "registry")
+def resolve_bundle(model: str, workdir: Path) -> Path:
+    """A bundle folder as it is, or a training checkpoint file or folder made into a bundle under `workdir`
+    (models:/ and runs:/ are fetched first by instseg.tracking.model_source)."""
     path = Path(model)
     if path.is_dir() and is_bundle(path):
         return path
@@ -191,10 +187,10 @@ def resolve_bundle(model: str, workdir: Path, tracking_uri: str | None = None) -
     raise InstsegError(f"model not found: {model} (give models:/NAME@alias, a bundle folder or a checkpoint)")
 
 
-def load_model(model: str, tracking_uri: str | None = None) -> tuple[nn.Module, LabelMap]:
-    """The network and its classes from models:/, runs:/, a bundle folder or a checkpoint."""
+def load_model(model: str) -> tuple[nn.Module, LabelMap]:
+    """The network and its classes from a bundle folder or a checkpoint."""
     with tempfile.TemporaryDirectory(prefix="instseg-model-") as tmp:
-        net, label_map, _ = load_bundle(resolve_bundle(model, Path(tmp), tracking_uri))
+        net, label_map, _ = load_bundle(resolve_bundle(model, Path(tmp)))
     return net, label_map
 
 
@@ -202,7 +198,6 @@ def predict(
     model: str,
     images: Sequence[str],
     out: str | os.PathLike[str],
-    tracking_uri: str | None = None,
     device: str = "auto",
     batch_size: int = 4,
     conf: float = 0.0,
@@ -219,7 +214,7 @@ def predict(
         raise InstsegError(f"--conf {conf}: give a score between 0 and 1")
     paths = expand_images(images)
     image_ids = image_ids_from_annotations(paths, gt) if gt is not None else None
-    net, label_map = load_model(model, tracking_uri)
+    net, label_map = load_model(model)
     draw_dir = Path(save_images) if save_images is not None else None
     if draw_dir is not None:
         check_drawing_folder(paths, draw_dir)

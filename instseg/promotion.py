@@ -10,8 +10,9 @@ the decision on both versions and in the instseg-promotions experiment).
 from __future__ import annotations
 
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from instseg.config import Config
 from instseg.tracking.gate import PromotionResult, promote, who_decides
@@ -19,8 +20,25 @@ from instseg.tracking.pyfunc_model import BUNDLE_ARTIFACT
 from instseg.tracking.registry import download_bundle, register_bundle
 
 
+@dataclass
+class Registration:
+    """What registration hands to promotion: the model, its new version (now its challenger) and the tracking
+    store it is in (redacted: summaries are printed and stored by flows)."""
+
+    model_name: str
+    version: str
+    tracking_uri: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Registration":
+        return cls(**data)
+
+
 def register_run(
-    tracking_uri: str,
+    uri: str,
     run_id: str,
     model_name: str,
     tags: Mapping[str, str] | None = None,
@@ -29,8 +47,8 @@ def register_run(
     """Register the bundle training run `run_id` logged (default runs:/RUN_ID/bundle) as the next version of
     `model_name`, now its challenger; returns the version."""
     with tempfile.TemporaryDirectory(prefix="instseg-register-") as tmp:
-        bundle = download_bundle(tracking_uri, bundle_uri or f"runs:/{run_id}/{BUNDLE_ARTIFACT}", Path(tmp))
-        return register_bundle(tracking_uri, run_id, bundle, model_name, tags=dict(tags or {}))
+        bundle = download_bundle(uri, bundle_uri or f"runs:/{run_id}/{BUNDLE_ARTIFACT}", Path(tmp))
+        return register_bundle(uri, run_id, bundle, model_name, tags=dict(tags or {}))
 
 
 def promote_on_split(cfg: Config, model_name: str, version: str | None = None, decided_by: str = "") -> PromotionResult:

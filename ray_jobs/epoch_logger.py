@@ -40,8 +40,8 @@ class MetricsBacklogFull(RuntimeError):
 
 
 class EpochMetricsLogger(UserCallback):
-    def __init__(self, tracking_uri: str, run_id: str, epochs: int, max_pending: int = MAX_PENDING_EPOCHS) -> None:
-        self.tracking_uri = tracking_uri
+    def __init__(self, uri: str, run_id: str, epochs: int, max_pending: int = MAX_PENDING_EPOCHS) -> None:
+        self.uri = uri
         self.run_id = run_id
         self.epochs = epochs
         self.max_pending = max_pending
@@ -76,7 +76,7 @@ class EpochMetricsLogger(UserCallback):
 
     def _flush(self) -> bool:
         """Send the waiting epochs in order; True when none is left."""
-        logger = RunLogger(self.tracking_uri, self.run_id)
+        logger = RunLogger(self.uri, self.run_id)
         while self.pending:
             epoch, values, measured = self.pending[0]
             try:
@@ -97,7 +97,7 @@ class EpochMetricsLogger(UserCallback):
     def _unreachable(self, how_long: str) -> str:
         epochs = [epoch for epoch, _, _ in self.pending]
         return (
-            f"the MLflow server at {redact(self.tracking_uri)} was unreachable {how_long}: epochs {epochs} of run "
+            f"the MLflow server at {redact(self.uri)} was unreachable {how_long}: epochs {epochs} of run "
             f"{self.run_id} are not in MLflow (their checkpoints are saved; rerun with the same run_name to resume)"
         )
 

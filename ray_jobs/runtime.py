@@ -10,6 +10,10 @@ from typing import Any
 
 import ray
 
+# Orchestration layers (trial drivers, flow tasks) hold a sliver of CPU so that only Train
+# workers hold whole CPUs/GPUs: nested whole-CPU requests deadlock small machines.
+ORCHESTRATION_CPUS = 0.01
+
 GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"  # read by ray.init when it starts a local instance
 
 
@@ -20,12 +24,17 @@ def init_ray(address: str | None = None, **kwargs) -> None:
     dead one; the local single-GPU / CPU mode asks for address="local" explicitly."""
     if ray.is_initialized():
         return
-    target = address or os.environ.get("RAY_ADDRESS") or "local"
+    target = ray_target(address)
     if target == "local":
         start_local_ray(**kwargs)
     else:
         ray.init(address=target, log_to_driver=True, **kwargs)
     stop_on_sigterm()
+
+
+def ray_target(address: str | None = None) -> str:
+    """Which Ray a driver joins: `address` > RAY_ADDRESS (set by `ray job submit`) > "local" (a private instance)."""
+    return address or os.environ.get("RAY_ADDRESS") or "local"
 
 
 def start_local_ray(**kwargs: Any) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from instseg.config import Config, absolute_tracking_uri
+from instseg.config import Config
 from instseg.errors import ConfigError
 from instseg.redaction import redact
 
@@ -24,13 +24,13 @@ PROBE_TIMEOUT_S = 60.0
 MARKER_PREFIX = ".instseg-shared-check-"
 
 
-def file_store_folder(tracking_uri: str) -> str | None:
+def file_store_folder(uri: str) -> str | None:
     """The folder of a file-based MLflow store (sqlite file or file store), None for a server or database URI."""
-    if tracking_uri.startswith("sqlite:///"):
-        return str(Path(tracking_uri[len("sqlite:///") :]).parent)
-    if tracking_uri.startswith("file://"):
-        return tracking_uri[len("file://") :]
-    return None if "://" in tracking_uri else tracking_uri
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri[len("sqlite:///") :]).parent)
+    if uri.startswith("file://"):
+        return uri[len("file://") :]
+    return None if "://" in uri else uri
 
 
 def folders_to_share(cfg: Config) -> dict[str, str]:
@@ -38,7 +38,7 @@ def folders_to_share(cfg: Config) -> dict[str, str]:
     folders = {}
     if "://" not in cfg.ray.storage_path:
         folders["ray.storage_path"] = cfg.ray.storage_path
-    tracking_folder = file_store_folder(absolute_tracking_uri(cfg.tracking.uri))
+    tracking_folder = file_store_folder(cfg.tracking.uri)
     if tracking_folder is not None:
         folders["tracking.uri"] = tracking_folder
     return folders
@@ -99,7 +99,7 @@ def check_shared_paths(cfg: Config) -> None:
         )
     if "tracking.uri" in unseen:
         raise ConfigError(
-            f"tracking.uri {redact(absolute_tracking_uri(cfg.tracking.uri))} is a file on this machine that node(s) "
+            f"tracking.uri {redact(cfg.tracking.uri)} is a file on this machine that node(s) "
             f"{', '.join(unseen['tracking.uri'])} cannot reach: start `instseg tracking serve` (README: Team "
             "tracking) and set tracking.uri=http://HOST:5000"
         )

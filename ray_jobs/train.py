@@ -22,12 +22,12 @@ from instseg.metrics.names import FITNESS
 from instseg.promotion import register_run
 from instseg.redaction import redact
 from instseg.tracking.liveness import Heartbeat
-from instseg.tracking.runs import resolve_tracking_uri
 from ray_jobs.cli_common import load_config, run_cli
+from ray_jobs.driver_run import TrainSummary, fit_and_log, open_train_run, preflight
 from ray_jobs.runtime import init_ray
 from ray_jobs.shared_paths import check_shared_paths
 from ray_jobs.submit import print_result
-from ray_jobs.trainer import TrainSummary, build_trainer, fit_and_log, open_train_run, preflight
+from ray_jobs.trainer import build_trainer
 
 
 def run_training(cfg: Config) -> TrainSummary:
@@ -35,14 +35,15 @@ def run_training(cfg: Config) -> TrainSummary:
     preflight(cfg)
     init_ray(cfg.ray.address)
     check_shared_paths(cfg)  # on several nodes: every node sees the checkpoints and a sqlite store
-    tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     name = cfg.run_name or time.strftime("train-%Y%m%d-%H%M%S")
-    run_id, resumed = open_train_run(cfg, tracking_uri, name)
-    print(f"{'resuming' if resumed else 'started'} MLflow run {run_id} '{name}' ({redact(tracking_uri)})", flush=True)
-    trainer = build_trainer(cfg, tracking_uri=tracking_uri, run_id=run_id, name=name)
+    run_id, resumed = open_train_run(cfg, name)
+    print(
+        f"{'resuming' if resumed else 'started'} MLflow run {run_id} '{name}' ({redact(cfg.tracking.uri)})", flush=True
+    )
+    trainer = build_trainer(cfg, run_id=run_id, name=name)
     try:
-        with Heartbeat(tracking_uri, run_id):
-            return fit_and_log(trainer, tracking_uri, run_id)
+        with Heartbeat(cfg.tracking.uri, run_id):
+            return fit_and_log(trainer, cfg, run_id)
     except KeyboardInterrupt:
         print(
             f"stopped; the same command with run_name={name} resumes from the latest checkpoint",
@@ -71,9 +72,7 @@ def register_trained(cfg: Config, summary: TrainSummary, model_name: str) -> str
     if summary.bundle_uri is None:
         raise InstsegError(f"run {summary.run_id} saved no checkpoint: no model to register as {model_name}")
     tags = {"source": "instseg train", "run_name": cfg.run_name or "", FITNESS: summary.metrics.get(FITNESS)}
-    version = register_run(
-        resolve_tracking_uri(cfg.tracking.uri), summary.run_id, model_name, tags=tags, bundle_uri=summary.bundle_uri
-    )
+    version = register_run(cfg.tracking.uri, summary.run_id, model_name, tags=tags, bundle_uri=summary.bundle_uri)
     print(f"registered as {model_name} version {version} (challenger); `instseg promote {model_name}` runs the gate")
     return version
 

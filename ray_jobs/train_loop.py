@@ -23,7 +23,7 @@ from instseg.config import Config, flatten
 from instseg.data.coco import dataset_fingerprint
 from instseg.data.loaders import build_datasets, build_loader, group_by_aspect_ratio
 from instseg.engine.checkpoint import load_checkpoint, save_checkpoint
-from instseg.engine.distributed import evaluate_sharded, from_rank_zero, gather_to_all, mean_across_ranks
+from instseg.engine.distributed import from_rank_zero, gather_to_all, mean_across_ranks, sharded_coco_metrics
 from instseg.engine.early_stopping import EarlyStopping
 from instseg.engine.loops import train_one_epoch, validation_loss
 from instseg.engine.optim import apply_optimizer_settings, build_optimizer, build_scheduler
@@ -58,9 +58,9 @@ NODES_TAG = "instseg.worker_nodes"  # Ray node id of each rank, in rank order, a
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """loop_config: {"config": Config.model_dump(), "tracking_uri": str, "run_id": str, "progress": "bar" | "lines" |
-    "off"} (train.progress as the driver resolved it: only the driver knows whether a terminal is watching), and
-    optionally "start_from": {"checkpoint": ray.train.Checkpoint, "source": trial id}: where a run without a
+    """loop_config: {"config": Config.model_dump() (its tracking.uri the store), "run_id": str, "progress": "bar" |
+    "lines" | "off"} (train.progress as the driver resolved it: only the driver knows whether a terminal is watching),
+    and optionally "start_from": {"checkpoint": ray.train.Checkpoint, "source": trial id}: where a run without a
     checkpoint of its own starts (PBT: another trial's weights, optimizer and schedule, with this config's values).
 
     Restarted by Ray Train after a worker or node failure (and by a rerun of the same run name), it
@@ -96,7 +96,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         cfg.train.amp, device, warn=lambda line: print(line, flush=True) if rank == 0 else None
     )
     stopper = EarlyStopping(cfg.train.patience, cfg.train.min_delta)
-    logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    logger = RunLogger(cfg.tracking.uri, loop_config["run_id"]) if rank == 0 else None
 
     # where each rank runs, at every (re)start: which nodes a failure took out is then on record
     nodes = gather_to_all(ray.get_runtime_context().get_node_id())
@@ -109,7 +109,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.tracking.system_metrics_s > 0 and context.get_local_rank() == 0:  # one monitor per node
         node_id = f"node_{context.get_node_rank()}" if len(set(nodes)) > 1 else None
         system_metrics = start_system_metrics(
-            loop_config["tracking_uri"],
+            cfg.tracking.uri,
             loop_config["run_id"],
             cfg.tracking.system_metrics_s,
             node_id,
@@ -163,7 +163,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 grad_clip_norm=cfg.train.grad_clip_norm,
             )
         )
-        val_metrics, curves = validate(core, val_set, val_loader, cfg, device, evaluator)
+        val_metrics, curves = validation_step(core, val_set, val_loader, cfg, device, evaluator)
         fit = fitness(val_metrics, cfg.metrics.fitness_weights)
         stop = stopper.step(fit, epoch + 1)  # the same on every rank: metrics come from rank 0
         metrics = {
@@ -227,13 +227,13 @@ def report_epoch(metrics: dict[str, float], checkpoint_state: dict[str, Any] | N
         )
 
 
-def validate(
+def validation_step(
     core: torch.nn.Module, val_set: Any, val_loader: Any, cfg: Config, device: torch.device, evaluator: CocoEvaluator
 ) -> tuple[dict[str, float], Any]:
     """Validation metrics on every rank (computed on rank 0): COCO stats of the gathered shard
     predictions, mask P / R / F1 / Dice, validation losses; plus rank 0's curves (None elsewhere)."""
     # every rank predicts its shard of the validation set; rank 0 gathers them and computes
-    coco_metrics = evaluate_sharded(core, val_set, cfg.data, device, evaluator)
+    coco_metrics = sharded_coco_metrics(core, val_set, cfg.data, device, evaluator)
     val_metrics, curves = None, None
     if coco_metrics is not None:
         curve_values, curves = _curve_metrics(val_set, evaluator, cfg.metrics.ultralytics_compat)

@@ -12,34 +12,20 @@ import pytest
 import torch
 
 from instseg.config import Config, load, resolve_paths
-from instseg.data.coco import CocoInstanceDataset, annotation_path
-from instseg.data.loaders import build_loader
+from instseg.data.coco import annotation_path
 from instseg.data.synth import synthesize
-from instseg.engine.loops import train_one_epoch
-from instseg.engine.optim import build_optimizer, build_scheduler
-from instseg.models import build_model
+from tests.helpers import (
+    DEMO_CONFIG,
+    OVERFIT_IMAGES,
+    OVERFIT_REPEATS,
+    isolated_overrides,
+    overfit_config,
+    train_in_process,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 # Ray binds and dials the machine's own interface address unless this is "0" (its single-machine mode,
 # read at import): then every node, driver and connection of the tests stays on 127.0.0.1
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
-# the CPU preset at test size: ~0.07 s per image per training step on one core
-TINY = [
-    "model.arch=tiny",
-    "model.weights=none",
-    "model.min_size=128",
-    "model.max_size=160",
-    "model.box_score_thresh=0.0",
-    "model.box_detections_per_img=30",
-    "data.batch_size=4",
-    "train.warmup_iters=2",
-]
-
-
-def shared_dir() -> Path:
-    """../shared beside the project, or INSTSEG_SHARED."""
-    return Path(os.environ.get("INSTSEG_SHARED", ROOT.parent / "shared"))
 
 
 _ISOLATED_ENV = {
@@ -90,16 +76,6 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def isolated_overrides(data_root: Path, tmp_path: Path) -> list[str]:
-    """The demo config at test size on `data_root`, with its MLflow store and Ray storage in tmp_path."""
-    return [
-        *TINY,
-        f"data.root={data_root}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        f"ray.storage_path={tmp_path / 'ray_results'}",
-    ]
-
-
 @pytest.fixture
 def tiny_config(synth_root: Path, tmp_path: Path):
     """A factory: the demo config at test size, with its own MLflow store and Ray storage."""
@@ -108,21 +84,6 @@ def tiny_config(synth_root: Path, tmp_path: Path):
         return resolve_paths(load(DEMO_CONFIG, [*isolated_overrides(synth_root, tmp_path), *overrides]))
 
     return make
-
-
-def shared_dataset(name: str) -> Path:
-    """A dataset under ../shared/datasets, or a skip naming where it was looked for."""
-    path = shared_dir() / "datasets" / name
-    if not path.is_dir():
-        pytest.skip(f"shared dataset {name} not found at {path} (set INSTSEG_SHARED)")
-    return path
-
-
-OVERFIT_IMAGES = 8
-OVERFIT_REPEATS = 10  # each image listed 10 times in the train split: 20 steps of 4 per epoch, few epochs (and reports)
-# the learning tests' settings: 6 epochs x 20 steps = 120 optimizer steps, flips on (the demo config's default)
-OVERFIT = ["train.epochs=6", "train.lr=0.001", "train.warmup_iters=10", "model.box_detections_per_img=50"]
-OVERFIT_BAR = 0.8  # segm mAP50 on the images trained on
 
 
 @pytest.fixture(scope="session")
@@ -145,27 +106,6 @@ def overfit_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ]
     annotation_path(root, "train").write_text(json.dumps(repeated))
     return root
-
-
-def train_in_process(cfg: Config, dataset_class: type[CocoInstanceDataset] = CocoInstanceDataset) -> torch.nn.Module:
-    """cfg's training without Ray: the real dataset class (flips as configured), loader, optimizer, LR schedule
-    and train_one_epoch, seeded as a Ray Train worker of rank 0 seeds itself."""
-    torch.manual_seed(cfg.seed)
-    dataset = dataset_class(cfg.data.root, cfg.data.train_split, hflip_prob=cfg.data.hflip_prob)
-    model = build_model(cfg.model, dataset.label_map.num_classes)
-    loader = build_loader(dataset, cfg.data, shuffle=True, seed=cfg.seed)
-    optimizer = build_optimizer(model, cfg.train, lr=cfg.effective_lr())
-    scheduler = build_scheduler(optimizer, cfg.train, len(loader))
-    for epoch in range(cfg.train.epochs):
-        loader.sampler.set_epoch(epoch)
-        train_one_epoch(
-            model, optimizer, loader, torch.device("cpu"), scheduler, grad_clip_norm=cfg.train.grad_clip_norm
-        )
-    return model.eval()
-
-
-def overfit_config(root: Path, tmp_path: Path, *overrides: str) -> Config:
-    return resolve_paths(load(DEMO_CONFIG, [*isolated_overrides(root, tmp_path), *OVERFIT, *overrides]))
 
 
 @pytest.fixture(scope="session")

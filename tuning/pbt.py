@@ -127,7 +127,7 @@ def build_pbt(cfg: Config, study: str) -> TrainCheckpointPBT:
         quantile_fraction=cfg.tune.quantile_fraction,
         resample_probability=cfg.tune.resample_probability,
         hyperparam_mutations={
-            key: list(dim.values) if dim.type == "choice" else to_domain(key, dim) for key, dim in space.items()
+            key: list(dim.values) if dim.type == "choice" else to_domain(dim) for key, dim in space.items()
         },
         custom_explore_fn=WithinSearchSpace(space),
     )

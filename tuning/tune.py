@@ -18,47 +18,31 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import optuna
 import ray.train
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
-from ray.tune.schedulers import (
-    ASHAScheduler,
-    FIFOScheduler,
-    HyperBandForBOHB,
-    HyperBandScheduler,
-    MedianStoppingRule,
-)
-from ray.tune.search.basic_variant import BasicVariantGenerator
-from ray.tune.search.bohb import TuneBOHB
-from ray.tune.search.optuna import OptunaSearch
 
 from instseg.cli import parse_command
-from instseg.config import Config, flatten, with_values
+from instseg.config import Config, apply_overrides, flatten
 from instseg.errors import ConfigError, first_line
-from instseg.metrics.names import EARLY_STOPPED, EPOCH, FITNESS, FITNESS_MODE
+from instseg.metrics.names import FITNESS, FITNESS_MODE
 from instseg.redaction import redact
 from instseg.tracking.liveness import DRIVER_TAGS, NOTE_TAG, Heartbeat, driver_tags
-from instseg.tracking.runs import RunLogger, child_runs, create_run, resolve_tracking_uri
+from instseg.tracking.runs import RunLogger, child_runs, create_run
 from ray_jobs.cli_common import load_config, run_cli
-from ray_jobs.runtime import init_ray
-from ray_jobs.shared_paths import check_shared_paths
-from ray_jobs.submit import print_result
-from ray_jobs.train_loop import CLONED_TAG
-from ray_jobs.trainer import (
-    TrainingFailed,
-    build_trainer,
+from ray_jobs.driver_run import (
+    BEST_CHECKPOINT_TAG,
+    bundle_uri,
     check_resumable,
     claim_run_name,
     create_driver_run,
@@ -66,93 +50,64 @@ from ray_jobs.trainer import (
     log_checkpoint_bundle,
     preflight,
 )
-from tuning.pbt import build_pbt, cloned_source, remove_copies
+from ray_jobs.node_loss import TrainingFailed
+from ray_jobs.runtime import ORCHESTRATION_CPUS, init_ray
+from ray_jobs.shared_paths import check_shared_paths
+from ray_jobs.submit import print_result
+from ray_jobs.trainer import build_trainer
+from tuning.algorithms import build_searcher, build_trial_scheduler
+from tuning.pbt import cloned_source, remove_copies
 from tuning.search_space import build_param_space
+from tuning.summary import TrialSummary, TuneSummary, format_trials, summarise_trials
 
-# Orchestration layers (trial drivers, flow tasks) hold a sliver of CPU so that only Train
-# workers hold whole CPUs/GPUs: nested whole-CPU requests deadlock small machines.
-ORCHESTRATION_CPUS = 0.01
 TRIAL_ID_TAG = "instseg.trial_id"
 STOPPED_EARLY_TAG = "instseg.stopped_early"
 TRIAL_REASON_TAG = "instseg.trial_reason"  # TrialSummary.reason, on the trial's run
-
-
-@dataclass
-class TrialSummary:
-    trial_id: str
-    run_id: str | None
-    params: dict[str, Any]
-    epochs: int
-    fitness: float | None
-    best_fitness: float | None
-    status: str  # completed | stopped_early | error
-    reason: str = ""  # why it ended where it did: the scheduler that stopped it, early stopping, or the error
-
-
-@dataclass
-class TuneSummary:
-    """What a study hands to registration: the parent run, the best trial and its model bundle."""
-
-    parent_run_id: str
-    tracking_uri: str
-    best_trial_id: str
-    best_run_id: str
-    best_params: dict[str, Any]
-    best_fitness: float
-    best_bundle_uri: str
-    trials: list[TrialSummary] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TuneSummary":
-        return cls(**{**data, "trials": [TrialSummary(**t) for t in data["trials"]]})
 
 
 def trial_driver(
     params: dict[str, Any],
     *,
     base_config: dict[str, Any],
-    tracking_uri: str,
     parent_run_id: str,
     study: str,
     driver: dict[str, str],
 ) -> None:
     """One Tune trial: the sampled params applied to the base config, trained by build_trainer. Its run carries
     the study driver's tags (`driver`): the study's driver owns the trial's lifetime."""
-    cfg = with_values(Config.model_validate(base_config), params)
+    cfg = apply_overrides(Config.model_validate(base_config), params)
     trial_id = tune.get_context().get_trial_id()
-    run_id = _open_trial_run(cfg, tracking_uri, parent_run_id, trial_id, driver)
+    run_id = _open_trial_run(cfg, parent_run_id, trial_id, driver)
     name, start_from = f"{study}-{trial_id}", None
     cloned = tune.get_checkpoint()  # PBT: a copy of the checkpoint of the trial this one continues (tuning.pbt)
     if cloned is not None:
         # a Train run of its own: one of the trial's name would restore the trial's own latest checkpoint instead
-        name = f"{name}-from-{cloned_source(cloned)}-{Path(cloned.path).name}"
-        checkpoint = ray.train.Checkpoint(cloned.path, cloned.filesystem)
-        start_from = {"checkpoint": checkpoint, "source": cloned_source(cloned)}
+        source = cloned_source(cloned)
+        name = f"{name}-from-{source}-{Path(cloned.path).name}"
+        start_from = {"checkpoint": ray.train.Checkpoint(cloned.path, cloned.filesystem), "source": source}
     trainer = build_trainer(
         cfg,
-        tracking_uri=tracking_uri,
         run_id=run_id,
         name=name,
         callbacks=[TuneReportCallback()],
         start_from=start_from,
     )
-    fit_and_log(trainer, tracking_uri, run_id, closes_failed_runs=False)  # the study closes trial runs
+    fit_and_log(trainer, cfg, run_id, closes_failed_runs=False)  # the study closes trial runs
 
 
-def _open_trial_run(cfg: Config, tracking_uri: str, parent_run_id: str, trial_id: str, driver: dict[str, str]) -> str:
+def _open_trial_run(cfg: Config, parent_run_id: str, trial_id: str, driver: dict[str, str]) -> str:
     """The trial's MLflow run: its earlier one when Tune restarts it (HyperBand resumes paused trials, a restored
     study resumes unfinished ones; Ray Train restores the checkpoint and the loop continues the history), else new."""
-    earlier = [run for run in child_runs(tracking_uri, parent_run_id) if run.data.tags.get(TRIAL_ID_TAG) == trial_id]
+    earlier = [
+        run for run in child_runs(cfg.tracking.uri, parent_run_id) if run.data.tags.get(TRIAL_ID_TAG) == trial_id
+    ]
     if earlier:
-        logger = RunLogger(tracking_uri, earlier[0].info.run_id)
+        logger = RunLogger(cfg.tracking.uri, earlier[0].info.run_id)
         logger.reopen()
         logger.set_tags({**driver, "instseg.trial_status": "running"})
         return logger.run_id
     return create_run(
-        tracking_uri,
+        cfg.tracking.uri,
         cfg.tracking.experiment,
         run_name=f"trial-{trial_id}",
         parent_run_id=parent_run_id,
@@ -160,112 +115,7 @@ def _open_trial_run(cfg: Config, tracking_uri: str, parent_run_id: str, trial_id
     )
 
 
-def check_search_space(cfg: Config) -> None:
-    """Every value the space can produce must be a valid config value: fail before any trial starts."""
-    for key, dim in cfg.tune.search_space.items():
-        samples = dim.values if dim.type == "choice" else [dim.low, dim.high]
-        for value in samples or []:
-            if dim.type == "randint":
-                value = int(value)
-            try:
-                with_values(cfg, {key: value})
-            except ConfigError as exc:
-                raise ConfigError(f"tune.search_space.{key}: {exc}") from None
-
-
-def _scheduler(cfg: Config, study: str) -> Any:
-    """tune.scheduler: which trials stop before train.epochs (or, PBT, continue from better ones), judged on FITNESS
-    per epoch."""
-    grace = min(cfg.tune.grace_period, cfg.train.epochs)
-    if cfg.tune.scheduler == "pbt":
-        return build_pbt(cfg, study)
-    if cfg.tune.scheduler == "hyperband":
-        # synchronous brackets: a trial that reached its rung waits (paused) for the rest of its bracket, then
-        # continues from its checkpoint or stops; BOHB's searcher needs its own variant of the scheduler
-        bracketing = HyperBandForBOHB if cfg.tune.search == "bohb" else HyperBandScheduler
-        smallest = smallest_halving_bracket(cfg.train.epochs, cfg.tune.reduction_factor)
-        if smallest is not None and cfg.tune.max_concurrent_trials < smallest:
-            print(
-                f"note: HyperBand halves brackets of {smallest}+ trials here, more than tune.max_concurrent_trials="
-                f"{cfg.tune.max_concurrent_trials} can hold at once (a paused trial still counts), so it will stop "
-                "no trial early: raise max_concurrent_trials or use tune.scheduler=asha",
-                file=sys.stderr,
-                flush=True,
-            )
-        return bracketing(time_attr=EPOCH, max_t=cfg.train.epochs, reduction_factor=cfg.tune.reduction_factor)
-    if cfg.tune.scheduler == "median":
-        return MedianStoppingRule(
-            time_attr=EPOCH, grace_period=grace, min_samples_required=cfg.tune.min_samples_required
-        )
-    if cfg.tune.scheduler == "asha":
-        return ASHAScheduler(
-            time_attr=EPOCH, max_t=cfg.train.epochs, grace_period=grace, reduction_factor=cfg.tune.reduction_factor
-        )
-    return FIFOScheduler()
-
-
-def smallest_halving_bracket(max_t: int, eta: int) -> int | None:
-    """Trials in the smallest HyperBand bracket that stops any (Ray's bracket sizes: s = 1, 2, ... while its first
-    rung max_t / eta^s is at least one epoch); None when there is none (max_t below eta)."""
-    s_max_1 = int(round(math.log(max_t) / math.log(eta))) + 1
-    sizes = [math.ceil(s_max_1 / (s + 1) * eta**s) for s in range(1, s_max_1) if int(max_t * eta**-s) >= 1]
-    return min(sizes) if sizes else None
-
-
-def _search(cfg: Config) -> Any:
-    """tune.search: how each trial's values are chosen, seeded by tune.seed."""
-    if cfg.tune.search == "random":
-        # Tune applies max_concurrent_trials to Searchers only: this generator takes it itself, or every trial
-        # would start at once, and their worker groups would time out waiting for CPUs or GPUs
-        return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=cfg.tune.max_concurrent_trials)
-    if cfg.tune.search == "bohb":
-        return TuneBOHB(seed=cfg.tune.seed)
-    if cfg.tune.search == "optuna-cmaes":
-        # CMA-ES samples continuous keys jointly; `choice` keys fall back to Optuna's independent sampler
-        sampler = optuna.samplers.CmaEsSampler(seed=cfg.tune.seed, warn_independent_sampling=False)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=cfg.tune.seed)
-    return OptunaSearch(sampler=sampler)
-
-
-def _summarise_trials(grid: Any, cfg: Config, runs_by_trial: dict[str, Any]) -> list[TrialSummary]:
-    trials = []
-    for result in grid:
-        history = result.metrics_dataframe
-        trial_id = str(result.metrics.get("trial_id") or Path(result.path).name)
-        epochs = int(result.metrics.get(EPOCH, 0) or 0)
-        if result.error is not None:
-            status, reason = "error", first_line(result.error, 300)
-        elif epochs < cfg.train.epochs and not result.metrics.get(EARLY_STOPPED):
-            # by the scheduler; patience-based early stopping counts as completed
-            status, reason = "stopped_early", f"stopped by the {cfg.tune.scheduler} scheduler after epoch {epochs}"
-        elif epochs < cfg.train.epochs:
-            status, reason = "completed", f"train.patience: no fitness gain, ended after epoch {epochs}"
-        else:
-            status, reason = "completed", f"all {epochs} epochs"
-        has_fitness = history is not None and FITNESS in history
-        run = runs_by_trial.get(trial_id)
-        if run is not None and run.data.tags.get(CLONED_TAG):  # PBT: where its weights came from
-            reason += "; continued " + ", ".join(
-                f"trial {source} from epoch {epoch}"
-                for source, epoch in (step.rsplit("@", 1) for step in run.data.tags[CLONED_TAG].split(","))
-            )
-        trials.append(
-            TrialSummary(
-                trial_id=trial_id,
-                run_id=run.info.run_id if run else None,
-                params={k: v for k, v in (result.config or {}).items()},
-                epochs=epochs,
-                fitness=float(result.metrics[FITNESS]) if FITNESS in result.metrics else None,
-                best_fitness=float(history[FITNESS].max()) if has_fitness else None,
-                status=status,
-                reason=reason,
-            )
-        )
-    return trials
-
-
-def _close_trial_runs(tracking_uri: str, trials: list[TrialSummary], run_ids: list[str]) -> None:
+def _close_trial_runs(cfg: Config, trials: list[TrialSummary], run_ids: list[str]) -> None:
     """Every trial run ends with Tune's verdict: ASHA-stopped trials KILLED (their driver saw the stop
     as a failure, or was killed before it could say anything), failed ones FAILED, a run Tune has no
     result for (it died before its first epoch) FAILED, completed ones FINISHED."""
@@ -275,7 +125,7 @@ def _close_trial_runs(tracking_uri: str, trials: list[TrialSummary], run_ids: li
         trial = by_run.get(run_id)
         status = trial.status if trial else "error"
         reason = trial.reason if trial else "the trial ended before its first epoch was reported"
-        logger = RunLogger(tracking_uri, run_id)
+        logger = RunLogger(cfg.tracking.uri, run_id)
         logger.set_tags(
             {
                 STOPPED_EARLY_TAG: str(status == "stopped_early").lower(),
@@ -292,24 +142,23 @@ TUNE_SIGINT_VARIABLE = "TUNE_DISABLE_SIGINT_HANDLER"
 RESUME_MAY_CHANGE = ("ray.address", "train.progress")
 
 
-def run_tuning(cfg: Config) -> TuneSummary:
+def run_tuning(cfg: Config, preflighted: bool = False) -> TuneSummary:
     """cfg with absolute paths -> a finished study: parent + child MLflow runs and the best model bundle.
-    A run_name whose study did not finish resumes it (see the module's docstring)."""
+    A run_name whose study did not finish resumes it (see the module's docstring). `preflighted`: the caller ran
+    ray_jobs.driver_run.preflight on this config already (the flow does, before it dispatches any task)."""
     param_space = build_param_space(cfg.tune.search_space)
-    check_search_space(cfg)
-    preflight(cfg)
+    if not preflighted:
+        preflight(cfg)
     init_ray(cfg.ray.address)
     check_shared_paths(cfg)  # on several nodes: every node sees the checkpoints and a sqlite store
-    tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     study = cfg.run_name or time.strftime("study-%Y%m%d-%H%M%S")
-    parent, restore_from = _open_study_run(cfg, tracking_uri, study)
+    parent, restore_from = _open_study_run(cfg, study)
     action = f"resuming from {restore_from}" if restore_from else "new"
-    print(f"study {study} ({action}): MLflow parent run {parent.run_id} ({redact(tracking_uri)})", flush=True)
+    print(f"study {study} ({action}): MLflow parent run {parent.run_id} ({redact(cfg.tracking.uri)})", flush=True)
 
     driver = tune.with_parameters(
         trial_driver,
         base_config=cfg.model_dump(),
-        tracking_uri=tracking_uri,
         parent_run_id=parent.run_id,
         study=study,
         driver={key: value for key, value in parent.tags().items() if key in DRIVER_TAGS},
@@ -325,21 +174,21 @@ def run_tuning(cfg: Config) -> TuneSummary:
             tune_config=tune.TuneConfig(
                 metric=FITNESS,
                 mode=FITNESS_MODE,
-                search_alg=_search(cfg),
-                scheduler=_scheduler(cfg, study),
+                search_alg=build_searcher(cfg),
+                scheduler=build_trial_scheduler(cfg, study),
                 num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=cfg.tune.max_concurrent_trials,
             ),
             run_config=tune.RunConfig(name=study, storage_path=cfg.ray.storage_path, verbose=1),
         )
     try:
-        with Heartbeat(tracking_uri, parent.run_id), _signals_stop_tune() as stopping:
+        with Heartbeat(cfg.tracking.uri, parent.run_id), _signals_stop_tune() as stopping:
             grid = tuner.fit()
         if stopping.is_set() or grid.num_terminated + grid.num_errors < len(grid) or len(grid) < cfg.tune.num_samples:
             raise KeyboardInterrupt  # Tune stopped on a signal and returned what it had
-        return _finish_study(cfg, grid, tracking_uri, parent, study)
+        return _finish_study(cfg, grid, parent, study)
     except KeyboardInterrupt:
-        _end_study(tracking_uri, parent, "KILLED", "the study was interrupted")
+        _end_study(cfg, parent, "KILLED", "the study was interrupted")
         print(
             f"study {study} interrupted: its runs are marked KILLED; rerun with run_name={study} to resume it",
             file=sys.stderr,
@@ -347,16 +196,16 @@ def run_tuning(cfg: Config) -> TuneSummary:
         )
         raise
     except BaseException as exc:
-        _end_study(tracking_uri, parent, "FAILED", f"the study failed: {type(exc).__name__}")
+        _end_study(cfg, parent, "FAILED", f"the study failed: {type(exc).__name__}")
         raise
 
 
-def _open_study_run(cfg: Config, tracking_uri: str, study: str) -> tuple[RunLogger, str | None]:
+def _open_study_run(cfg: Config, study: str) -> tuple[RunLogger, str | None]:
     """The study's MLflow parent run and, when an unfinished study of this run_name left Tune state to restore,
     where that state is. A finished study, one on other data or with another config is refused."""
-    existing = claim_run_name(cfg, tracking_uri, study, kind="study")
+    existing = claim_run_name(cfg, study, kind="study")
     if existing is None:
-        parent = RunLogger(tracking_uri, create_driver_run(cfg, tracking_uri, study, kind="study"))
+        parent = RunLogger(cfg.tracking.uri, create_driver_run(cfg, study, kind="study"))
         parent.log_params(flatten(cfg))
         parent.log_dict({k: v.model_dump() for k, v in cfg.tune.search_space.items()}, "search_space.json")
         return parent, None
@@ -373,12 +222,12 @@ def _open_study_run(cfg: Config, tracking_uri: str, study: str) -> tuple[RunLogg
         )
     experiment_path = f"{cfg.ray.storage_path.rstrip('/')}/{study}"
     restorable = tune.Tuner.can_restore(experiment_path)
-    if not restorable and child_runs(tracking_uri, existing.info.run_id):
+    if not restorable and child_runs(cfg.tracking.uri, existing.info.run_id):
         raise ConfigError(
             f"study '{study}' (MLflow run {existing.info.run_id}) has trials but no Tune state under "
             f"{experiment_path} to resume them from: choose a new run_name"
         )
-    parent = RunLogger(tracking_uri, existing.info.run_id)
+    parent = RunLogger(cfg.tracking.uri, existing.info.run_id)
     parent.reopen()
     parent.set_tags({**driver_tags(), NOTE_TAG: "resumed"})
     if not restorable:  # it stopped before its first trial: start the search, keep the run
@@ -418,13 +267,13 @@ def _signals_stop_tune() -> Iterator[threading.Event]:
             os.environ[TUNE_SIGINT_VARIABLE] = previous_env
 
 
-def _end_study(tracking_uri: str, parent: RunLogger, status: str, note: str) -> None:
+def _end_study(cfg: Config, parent: RunLogger, status: str, note: str) -> None:
     """A study that did not finish: no run of it stays RUNNING (trial runs, then the parent). MLflow failing
     here too is said in one line, so that the error that ended the study is the one that surfaces."""
     try:
-        for run in child_runs(tracking_uri, parent.run_id):
+        for run in child_runs(cfg.tracking.uri, parent.run_id):
             if run.info.status == "RUNNING":
-                child = RunLogger(tracking_uri, run.info.run_id)
+                child = RunLogger(cfg.tracking.uri, run.info.run_id)
                 verdict = "interrupted" if status == "KILLED" else "error"
                 child.set_tags({NOTE_TAG: note, "instseg.trial_status": verdict})
                 child.finish(status)
@@ -435,12 +284,12 @@ def _end_study(tracking_uri: str, parent: RunLogger, status: str, note: str) -> 
         print(f"could not close the study's MLflow runs: {first_line(exc)}", file=sys.stderr, flush=True)
 
 
-def _finish_study(cfg: Config, grid: Any, tracking_uri: str, parent: RunLogger, study: str) -> TuneSummary:
+def _finish_study(cfg: Config, grid: Any, parent: RunLogger, study: str) -> TuneSummary:
     """After a complete tuner.fit(): trial verdicts, the best trial's bundle, the study's metrics and table."""
     parent_run_id = parent.run_id
-    children = child_runs(tracking_uri, parent_run_id)
-    trials = _summarise_trials(grid, cfg, {run.data.tags.get(TRIAL_ID_TAG): run for run in children})
-    _close_trial_runs(tracking_uri, trials, [run.info.run_id for run in children])
+    children = child_runs(cfg.tracking.uri, parent_run_id)
+    trials = summarise_trials(grid, cfg, {run.data.tags.get(TRIAL_ID_TAG): run for run in children})
+    _close_trial_runs(cfg, trials, [run.info.run_id for run in children])
     scored = [t for t in trials if t.best_fitness is not None and t.run_id is not None]
     if not scored:
         parent.finish("FAILED")
@@ -452,12 +301,17 @@ def _finish_study(cfg: Config, grid: Any, tracking_uri: str, parent: RunLogger, 
     best = next(t for t in scored if t.trial_id == best_trial_id)
     history = best_result.metrics_dataframe
     checkpoint_path = history.loc[history[FITNESS].idxmax(), CHECKPOINT_PATH_KEY]
-    # trial runs log their own bundle when they finish; a stopped best trial gets it here
-    best_bundle_uri = log_checkpoint_bundle(RunLogger(tracking_uri, best.run_id), ray.train.Checkpoint(checkpoint_path))
+    # a trial run that finished logged its best checkpoint's bundle already; a stopped best trial (or one whose
+    # best epoch came before a PBT restart) gets it here
+    best_logger = RunLogger(cfg.tracking.uri, best.run_id)
+    if best_logger.tags().get(BEST_CHECKPOINT_TAG) == checkpoint_path:
+        best_bundle_uri = bundle_uri(best.run_id)
+    else:
+        best_bundle_uri = log_checkpoint_bundle(best_logger, ray.train.Checkpoint(checkpoint_path))
 
     summary = TuneSummary(
         parent_run_id=parent_run_id,
-        tracking_uri=redact(tracking_uri),
+        tracking_uri=redact(cfg.tracking.uri),
         best_trial_id=best.trial_id,
         best_run_id=best.run_id,
         best_params=best.params,
@@ -484,20 +338,6 @@ def _finish_study(cfg: Config, grid: Any, tracking_uri: str, parent: RunLogger, 
     if cfg.tune.scheduler == "pbt":
         remove_copies(cfg.ray.storage_path, study)
     return summary
-
-
-def format_params(params: dict[str, Any], digits: int = 3) -> str:
-    """Sampled values as `key=value, ...`, floats to `digits` significant digits."""
-    return ", ".join(f"{k}={v:.{digits}g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-
-
-def format_trials(summary: TuneSummary) -> str:
-    lines = [f"{'trial':<14}{'status':<15}{'epochs':>7}{FITNESS:>12}  params; why it ended"]
-    for t in sorted(summary.trials, key=lambda t: -(t.best_fitness or -1)):
-        params = format_params(t.params)
-        best = f"{t.best_fitness:.5f}" if t.best_fitness is not None else "-"
-        lines.append(f"{t.trial_id:<14}{t.status:<15}{t.epochs:>7}{best:>12}  {params}; {t.reason}")
-    return "\n".join(lines)
 
 
 def tune_command(args: argparse.Namespace) -> int:

@@ -42,7 +42,9 @@ def _source_name(root: Path, fmt: str, split: str) -> str:
     if fmt == "yolo":
         return str(root / "labels" / split)
     if fmt == "roboflow":
-        return str(root / ("valid" if split == "val" and (root / "valid").is_dir() else split) / "_annotations.coco.json")
+        return str(
+            root / ("valid" if split == "val" and (root / "valid").is_dir() else split) / "_annotations.coco.json"
+        )
     return str(root / "annotations" / f"instances_{split}.json")
 
 
@@ -50,12 +52,16 @@ def format_report(report: CheckReport, max_classes: int = 20) -> str:
     lines = [f"dataset {report.root} (format: {report.format})"]
     for split, s in report.summaries.items():
         lines.append(
-            f"  split {split}: {s['images']} images, {s['instances']} instances, {s['classes']} classes with instances, "
+            f"  split {split}: {s['images']} images, {s['instances']} instances, "
+            f"{s['classes']} classes with instances, "
             f"{s['images_without_instances']} images without instances"
         )
         if s["width"]:
             w, h = s["width"], s["height"]
-            lines.append(f"    image size: width {w['min']}-{w['max']} (median {w['median']}), height {h['min']}-{h['max']} (median {h['median']})")
+            lines.append(
+                f"    image size: width {w['min']}-{w['max']} (median {w['median']}), "
+                f"height {h['min']}-{h['max']} (median {h['median']})"
+            )
         per_class = list(s["instances_per_class"].items())
         shown = ", ".join(f"{name} {count}" for name, count in per_class[:max_classes])
         more = f", ... {len(per_class) - max_classes} more" if len(per_class) > max_classes else ""

@@ -157,29 +157,42 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         known = set(self.label_map.category_ids)
         for position, ann in enumerate(self.coco.dataset["annotations"]):
             if position not in bad and ann.get("category_id") not in known:
-                problems.append(Problem("unknown_category", source, f"annotation id {ann.get('id')}: category_id {ann.get('category_id')} is not among the model's classes"))
+                problems.append(
+                    Problem(
+                        "unknown_category",
+                        source,
+                        f"annotation id {ann.get('id')}: category_id {ann.get('category_id')} "
+                        "is not among the model's classes",
+                    )
+                )
                 bad.add(position)
         missing = []
         for img in self.coco.dataset["images"]:
             found = image_file(self.image_dir, img.get("file_name"))
             if found is None or not found[0].is_file():
                 missing.append(img)
-                kind, why = ("image_missing", f"{found[0]} does not exist") if found else (
-                    "image_outside_dataset", "file_name must be a relative path inside the image folder")
+                kind, why = (
+                    ("image_missing", f"{found[0]} does not exist")
+                    if found
+                    else ("image_outside_dataset", "file_name must be a relative path inside the image folder")
+                )
                 problems.append(Problem(kind, f"{source}: image id {img['id']}", why))
         if not problems:
             return Counter()
         if on_invalid != "skip":
             listed = "; ".join(str(p).strip() for p in problems[:3])
             raise DataError(
-                f"{len(problems)} problem(s) in {source} (first: {listed}). Run `instseg data check {self.root}` for all of "
+                f"{len(problems)} problem(s) in {source} (first: {listed}). "
+                f"Run `instseg data check {self.root}` for all of "
                 "them, or set data.on_invalid=skip to drop them"
             )
         missing_ids = {img["id"] for img in missing}
         dataset = dict(self.coco.dataset)
         dataset["images"] = [img for img in dataset["images"] if img["id"] not in missing_ids]
         dataset["annotations"] = [
-            ann for position, ann in enumerate(dataset["annotations"]) if position not in bad and ann.get("image_id") not in missing_ids
+            ann
+            for position, ann in enumerate(dataset["annotations"])
+            if position not in bad and ann.get("image_id") not in missing_ids
         ]
         self.coco = coco_from_dict(dataset)
         return Counter(problem.kind for problem in problems)

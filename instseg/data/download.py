@@ -43,8 +43,12 @@ class RemoteDataset:
 
 
 DATASETS = {
-    "coco8-seg": RemoteDataset("https://github.com/ultralytics/assets/releases/download/v0.0.0/coco8-seg.zip", None, "coco80"),
-    "coco128-seg": RemoteDataset("https://github.com/ultralytics/assets/releases/download/v0.0.0/coco128-seg.zip", None, "coco80"),
+    "coco8-seg": RemoteDataset(
+        "https://github.com/ultralytics/assets/releases/download/v0.0.0/coco8-seg.zip", None, "coco80"
+    ),
+    "coco128-seg": RemoteDataset(
+        "https://github.com/ultralytics/assets/releases/download/v0.0.0/coco128-seg.zip", None, "coco80"
+    ),
 }
 
 
@@ -147,4 +151,3 @@ def _dataset_root(unpacked: Path) -> Path:
     if len(entries) == 1 and entries[0].is_dir():
         return entries[0]
     return unpacked
-

@@ -167,10 +167,15 @@ def read_yolo(root: Path, names: list[str]) -> dict[str, SplitData]:
     splits = {}
     image_id, ann_id = 1, 1
     categories = [{"id": i + 1, "name": name, "supercategory": ""} for i, name in enumerate(names)]
-    split_dirs = sorted({d.name for d in (root / "images").iterdir() if d.is_dir()} | {d.name for d in (root / "labels").iterdir() if d.is_dir()})
+    split_dirs = sorted(
+        {d.name for d in (root / "images").iterdir() if d.is_dir()}
+        | {d.name for d in (root / "labels").iterdir() if d.is_dir()}
+    )
     for split in split_dirs:
         image_dir, label_dir = root / "images" / split, root / "labels" / split
-        images = sorted(p for p in image_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if image_dir.is_dir() else []
+        images = (
+            sorted(p for p in image_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if image_dir.is_dir() else []
+        )
         labels = {p.stem: p for p in label_dir.glob("*.txt")} if label_dir.is_dir() else {}
         coco: dict[str, Any] = {"images": [], "annotations": [], "categories": categories}
         data = SplitData(coco, {})
@@ -187,9 +192,22 @@ def read_yolo(root: Path, names: list[str]) -> dict[str, SplitData]:
                     if not line.strip():
                         continue
                     cls, coords, problem = _parse_yolo_line(line)
-                    ann: dict[str, Any] = {"id": ann_id, "image_id": image_id, "iscrowd": 0, SOURCE_KEY: f"{label}:{number}"}
+                    ann: dict[str, Any] = {
+                        "id": ann_id,
+                        "image_id": image_id,
+                        "iscrowd": 0,
+                        SOURCE_KEY: f"{label}:{number}",
+                    }
                     if problem:
-                        ann.update({"category_id": -1, "segmentation": [], "bbox": [0, 0, 0, 0], "area": 0.0, "instseg_problem": problem})
+                        ann.update(
+                            {
+                                "category_id": -1,
+                                "segmentation": [],
+                                "bbox": [0, 0, 0, 0],
+                                "area": 0.0,
+                                "instseg_problem": problem,
+                            }
+                        )
                     else:
                         pixels = [v * (width if i % 2 == 0 else height) for i, v in enumerate(coords)]
                         ann.update({"category_id": cls + 1, "segmentation": [pixels], **polygon_box_and_area([pixels])})

@@ -36,7 +36,9 @@ def loader_options(data: DataConfig) -> dict:
     }
 
 
-def build_loader(dataset: CocoInstanceDataset, data: DataConfig, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+def build_loader(
+    dataset: CocoInstanceDataset, data: DataConfig, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1
+) -> DataLoader:
     """A shuffled or sharded loader draws through a DistributedSampler (rank `rank` of `world_size`):
     call its set_epoch every epoch; the order is then a function of (seed, epoch), the same on every rank
     and after a restart from a checkpoint. Built here rather than by Ray Train's prepare_data_loader,
@@ -50,7 +52,9 @@ def build_loader(dataset: CocoInstanceDataset, data: DataConfig, shuffle: bool, 
 def shard_loader(dataset: CocoInstanceDataset, data: DataConfig, rank: int, world_size: int) -> DataLoader:
     """Rank `rank`'s share of `dataset` for evaluation: every world_size-th image, no padding (a
     DistributedSampler repeats images to even out shards, which would count them twice)."""
-    return DataLoader(Subset(dataset, range(rank, len(dataset), world_size)), batch_size=data.batch_size, **loader_options(data))
+    return DataLoader(
+        Subset(dataset, range(rank, len(dataset), world_size)), batch_size=data.batch_size, **loader_options(data)
+    )
 
 
 class AspectRatioBatchSampler(Sampler[list[int]]):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from instseg.data.files import MADE_BY_KEY, atomic_write_json, check_destination, staged_folder
+from instseg.data.files import MADE_BY_KEY, SYNTH_DESCRIPTION, atomic_write_json, check_destination, staged_folder
 from instseg.errors import DataError
 
 CATEGORIES = ("circle", "rectangle", "triangle")
@@ -26,7 +26,6 @@ MIN_VISIBLE_FRACTION = 0.25  # an instance hidden more than this is not annotate
 # a base colour per class, jittered per instance: learnable in a few tiny-model epochs
 BASE_COLOURS = ((220, 60, 50), (50, 170, 70), (60, 90, 220))
 
-SYNTH_DESCRIPTION = "instseg synthetic shapes"
 SYNTH_KEY = "instseg_synth"  # in each split's "info": the (images, seed) it was made with
 
 Polygon = list[tuple[float, float]]
@@ -35,7 +34,9 @@ Polygon = list[tuple[float, float]]
 def _shape_polygon(kind: str, cx: float, cy: float, size: float, angle: float) -> Polygon:
     if kind == "circle":
         n = 24
-        return [(cx + size * math.cos(2 * math.pi * i / n), cy + size * math.sin(2 * math.pi * i / n)) for i in range(n)]
+        return [
+            (cx + size * math.cos(2 * math.pi * i / n), cy + size * math.sin(2 * math.pi * i / n)) for i in range(n)
+        ]
     if kind == "rectangle":
         half_w, half_h = size, size * 0.6
         corners = [(-half_w, -half_h), (half_w, -half_h), (half_w, half_h), (-half_w, half_h)]
@@ -177,14 +178,19 @@ def synthesize(
         image_id, ann_id = 1, 1
         for split, count in splits.items():
             (staging / "images" / split).mkdir(parents=True)
-            info = {"description": f"{SYNTH_DESCRIPTION}, seed {seed}", SYNTH_KEY: {"images": images, "seed": seed},
-                    MADE_BY_KEY: "instseg data synth"}
+            info = {
+                "description": f"{SYNTH_DESCRIPTION}, seed {seed}",
+                SYNTH_KEY: {"images": images, "seed": seed},
+                MADE_BY_KEY: "instseg data synth",
+            }
             coco: dict = {"info": info, "images": [], "annotations": [], "categories": categories}
             for _ in range(count):
                 image, anns = _make_image(rng, image_id, ann_id)
                 file_name = f"{image_id:06d}.jpg"
                 image.save(staging / "images" / split / file_name, quality=92)
-                coco["images"].append({"id": image_id, "file_name": file_name, "width": image.width, "height": image.height})
+                coco["images"].append(
+                    {"id": image_id, "file_name": file_name, "width": image.width, "height": image.height}
+                )
                 coco["annotations"].extend(anns)
                 image_id += 1
                 ann_id += len(anns)

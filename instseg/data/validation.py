@@ -141,7 +141,10 @@ def validate_annotations(coco: dict[str, Any], source: str) -> tuple[list[Proble
     annotations in coco["annotations"]."""
     images = {}
     problems: list[Problem] = []
-    for kind, key, items in (("duplicate_image_id", "image", coco["images"]), ("duplicate_category_id", "category", coco["categories"])):
+    for kind, key, items in (
+        ("duplicate_image_id", "image", coco["images"]),
+        ("duplicate_category_id", "category", coco["categories"]),
+    ):
         seen: set[Any] = set()
         for item in items:
             if item.get("id") in seen:
@@ -155,7 +158,9 @@ def validate_annotations(coco: dict[str, Any], source: str) -> tuple[list[Proble
     for position, ann in enumerate(coco["annotations"]):
         location = _ann_location(source, ann)
         if ann.get("id") in seen_ann:
-            problems.append(Problem("duplicate_annotation_id", location, f"annotation id {ann.get('id')} appears more than once"))
+            problems.append(
+                Problem("duplicate_annotation_id", location, f"annotation id {ann.get('id')} appears more than once")
+            )
             bad.add(position)
         seen_ann.add(ann.get("id"))
         image = images.get(ann.get("image_id"))
@@ -163,7 +168,9 @@ def validate_annotations(coco: dict[str, Any], source: str) -> tuple[list[Proble
             problems.append(Problem("unknown_image", location, f"image_id {ann.get('image_id')} is not in images"))
             bad.add(position)
             continue
-        for kind, message in annotation_problems(ann, int(image.get("width") or 0), int(image.get("height") or 0), category_ids):
+        for kind, message in annotation_problems(
+            ann, int(image.get("width") or 0), int(image.get("height") or 0), category_ids
+        ):
             problems.append(Problem(kind, location, message))
             bad.add(position)
     return problems, bad
@@ -180,7 +187,9 @@ def image_problems(path: Path, width: int, height: int, location: str) -> list[P
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         return [Problem("image_unreadable", location, f"{path}: {str(exc).splitlines()[0]}")]
     if width and height and size != (width, height):
-        return [Problem("image_size_mismatch", location, f"{path} is {size[0]}x{size[1]}, the JSON says {width}x{height}")]
+        return [
+            Problem("image_size_mismatch", location, f"{path} is {size[0]}x{size[1]}, the JSON says {width}x{height}")
+        ]
     return []
 
 
@@ -198,8 +207,13 @@ def check_split(data: SplitData, source: str) -> list[Problem]:
             problems.append(Problem("image_missing", location, "no file_name"))
             continue
         problems.extend(image_problems(path, int(image.get("width") or 0), int(image.get("height") or 0), location))
-    problems.extend(Problem("label_without_image", str(p), "label file has no image of the same name") for p in data.orphan_labels)
-    problems.extend(Problem("image_without_label", str(p), "image has no label file (a background image?)") for p in data.unlabeled_images)
+    problems.extend(
+        Problem("label_without_image", str(p), "label file has no image of the same name") for p in data.orphan_labels
+    )
+    problems.extend(
+        Problem("image_without_label", str(p), "image has no label file (a background image?)")
+        for p in data.unlabeled_images
+    )
     return problems
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from instseg.config import DataConfig
 from instseg.data.coco import CocoInstanceDataset
 from instseg.data.loaders import shard_loader
-from instseg.engine.loops import predict_into
+from instseg.engine.loops import feed_predictions
 from instseg.metrics.coco_eval import CocoEvaluator
 
 
@@ -66,11 +66,11 @@ def gather_predictions(evaluator: CocoEvaluator) -> None:
         evaluator.merge(parts)
 
 
-def evaluate_sharded(
+def sharded_coco_metrics(
     model: nn.Module, dataset: CocoInstanceDataset, data: DataConfig, device: torch.device, evaluator: CocoEvaluator
 ) -> dict[str, float] | None:
     """COCO metrics on rank 0 (None on the others); rank 0's evaluator keeps all predictions."""
     rank, world = rank_and_world()
-    predict_into(model, shard_loader(dataset, data, rank, world), device, evaluator)
+    feed_predictions(model, shard_loader(dataset, data, rank, world), device, evaluator)
     gather_predictions(evaluator)
     return evaluator.compute() if rank == 0 else None

@@ -146,7 +146,7 @@ def validation_loss(model: nn.Module, loader: Iterable, device: torch.device) ->
 
 
 @torch.inference_mode()
-def predict_into(model: nn.Module, loader: Iterable, device: torch.device, evaluator: CocoEvaluator) -> None:
+def feed_predictions(model: nn.Module, loader: Iterable, device: torch.device, evaluator: CocoEvaluator) -> None:
     """Feed the predictions of `model` over `loader` to `evaluator` (reset first; eval mode, so
     BatchNorm statistics are untouched). Always in fp32: under bf16 autocast the class logits behind the
     detection scores are bf16, and their ties would reorder the ranking that COCO AP is computed from."""
@@ -161,7 +161,9 @@ def predict_into(model: nn.Module, loader: Iterable, device: torch.device, evalu
         model.train(was_training)
 
 
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device, evaluator: CocoEvaluator) -> dict[str, float]:
+def coco_metrics(
+    model: nn.Module, loader: Iterable, device: torch.device, evaluator: CocoEvaluator
+) -> dict[str, float]:
     """COCO bbox + segm metrics of `model` over `loader`, in one process."""
-    predict_into(model, loader, device, evaluator)
+    feed_predictions(model, loader, device, evaluator)
     return evaluator.compute()

@@ -96,7 +96,7 @@ def curves_matrix_dice(
     return curves, matrix, dice
 
 
-def evaluate_results(
+def score_results(
     coco_gt: COCO,
     results: list[dict[str, Any]],
     iou_type: str,

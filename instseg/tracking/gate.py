@@ -70,7 +70,7 @@ def better_by(challenger: float, champion: float, min_improvement: float) -> boo
 
 
 def promote(
-    tracking_uri: str,
+    uri: str,
     model_name: str,
     score: Callable[[Path], dict[str, float]],
     *,
@@ -84,7 +84,7 @@ def promote(
     `score(bundle_dir)` (their bundles are downloaded into folders named `<role>-v<version>`), move `champion` if
     the challenger wins, and record the decision. `fingerprint()` names the data `score` reads (checked before and
     after)."""
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(uri)
     challenger = _challenger(client, model_name, version)
     data = fingerprint() if fingerprint else None
     scores: dict[str, dict[str, float]] = {}
@@ -93,7 +93,7 @@ def promote(
         def score_of(role: str, model_version: Any) -> dict[str, float]:
             key = str(model_version.version)
             if key not in scores:
-                bundle = download_bundle(tracking_uri, f"models:/{model_name}/{key}", Path(tmp) / f"{role}-v{key}")
+                bundle = download_bundle(uri, f"models:/{model_name}/{key}", Path(tmp) / f"{role}-v{key}")
                 scores[key] = score(bundle)
             return scores[key]
 
@@ -133,7 +133,7 @@ def promote(
         decided_by=decided_by or who_decides(),
         decided_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
-    result.record_run_id = _record(tracking_uri, result)
+    result.record_run_id = _record(uri, result)
     _tag_versions(client, result)
     return result
 
@@ -179,10 +179,10 @@ def _decision(result: PromotionResult) -> str:
     return "promoted" if result.promoted else "kept champion"
 
 
-def _record(tracking_uri: str, result: PromotionResult) -> str:
+def _record(uri: str, result: PromotionResult) -> str:
     """The decision as a finished run of PROMOTIONS_EXPERIMENT: who and what, on which data, both scores."""
     run_id = create_run(
-        tracking_uri,
+        uri,
         PROMOTIONS_EXPERIMENT,
         run_name=f"{result.model_name}-v{result.challenger_version}",
         tags={
@@ -192,7 +192,7 @@ def _record(tracking_uri: str, result: PromotionResult) -> str:
             "promotion.model_name": result.model_name,
         },
     )
-    logger = RunLogger(tracking_uri, run_id)
+    logger = RunLogger(uri, run_id)
     logger.log_params(
         {
             "model_name": result.model_name,

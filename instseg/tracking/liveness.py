@@ -74,10 +74,10 @@ def check_no_live_driver(run: Any, name: str) -> None:
         )
 
 
-def close_orphaned_runs(tracking_uri: str, experiments: Iterable[str] | None = None) -> list[tuple[str, str, str]]:
+def close_orphaned_runs(uri: str, experiments: Iterable[str] | None = None) -> list[tuple[str, str, str]]:
     """Mark KILLED, with a note, every RUNNING run whose driver is gone; returns (run id, run name, note) of each.
     `experiments`: names (default: all)."""
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(uri)
     if experiments is None:
         ids = [e.experiment_id for e in client.search_experiments()]
     else:
@@ -98,7 +98,7 @@ def close_orphaned_runs(tracking_uri: str, experiments: Iterable[str] | None = N
             f"marked KILLED at {time.strftime('%Y-%m-%d %H:%M:%S')}"
         )
         client.set_tag(run.info.run_id, NOTE_TAG, note)
-        with quiet_urls(tracking_uri):
+        with quiet_urls(uri):
             client.set_terminated(run.info.run_id, status="KILLED")
         closed.append((run.info.run_id, run.data.tags.get(MLFLOW_RUN_NAME, ""), note))
     return closed
@@ -108,8 +108,8 @@ class Heartbeat:
     """While the block runs, a daemon thread refreshes HEARTBEAT_TAG on `run_id` every HEARTBEAT_S seconds.
     A tracking server that does not answer only delays a beat: it never stops the driver."""
 
-    def __init__(self, tracking_uri: str, run_id: str, interval_s: float = HEARTBEAT_S) -> None:
-        self.client = MlflowClient(tracking_uri)
+    def __init__(self, uri: str, run_id: str, interval_s: float = HEARTBEAT_S) -> None:
+        self.client = MlflowClient(uri)
         self.run_id = run_id
         self.interval_s = interval_s
         self._stop = threading.Event()

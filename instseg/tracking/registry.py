@@ -45,7 +45,7 @@ LOCK_STALE_S = 120.0  # a commit takes a few calls: a lock this old lost its hol
 
 
 @contextmanager
-def _tracking_uri(uri: str) -> Iterator[None]:
+def _fluent_api_store(uri: str) -> Iterator[None]:
     """mlflow.set_tracking_uri for the fluent API, undone afterwards: it also sets MLFLOW_TRACKING_URI
     in os.environ, which would silently redirect every later default lookup."""
     previous_env = os.environ.get(MLFLOW_TRACKING_URI_ENV)
@@ -62,13 +62,13 @@ def _tracking_uri(uri: str) -> Iterator[None]:
 
 
 def register_bundle(
-    tracking_uri: str, run_id: str, bundle_dir: Path, model_name: str, tags: dict[str, str] | None = None
+    uri: str, run_id: str, bundle_dir: Path, model_name: str, tags: dict[str, str] | None = None
 ) -> str:
     """Log the bundle as a pyfunc model in `run_id`, register it, point `challenger` at it; returns the version."""
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(uri)
     status = client.get_run(run_id).info.status
     try:
-        with quiet_urls(tracking_uri), _tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+        with quiet_urls(uri), _fluent_api_store(uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT,
                 python_model=str(PYFUNC_ENTRY),
@@ -82,7 +82,7 @@ def register_bundle(
     finally:
         # the fluent API reopened the run and, on a failure, would leave it FAILED: registering a model
         # never changes how its training run ended
-        with quiet_urls(tracking_uri):
+        with quiet_urls(uri):
             client.set_terminated(run_id, status=status)
     version = str(info.registered_model_version)
     for key, value in (tags or {}).items():
@@ -111,10 +111,10 @@ def _input_example() -> Any:
     return pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(image).decode("ascii")]})
 
 
-def registered_from(tracking_uri: str, model_name: str, run_id: str, tags: dict[str, str]) -> str | None:
+def registered_from(uri: str, model_name: str, run_id: str, tags: dict[str, str]) -> str | None:
     """The version of `model_name` registered from `run_id` whose tags include `tags`, if any: lets a retried
     registration find what an earlier attempt already created instead of adding a second version."""
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(uri)
     try:
         versions = client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
     except MlflowException:
@@ -133,37 +133,36 @@ def version_for(client: MlflowClient, model_name: str, alias: str) -> Any | None
         return None
 
 
-def model_version_run(tracking_uri: str, model_name: str, version: str) -> str:
+def model_version_run(uri: str, model_name: str, version: str) -> str:
     """The id of the run a registered model version was logged from."""
-    return MlflowClient(tracking_uri).get_model_version(model_name, version).run_id
+    return MlflowClient(uri).get_model_version(model_name, version).run_id
 
 
-def aliases(tracking_uri: str, model_name: str) -> dict[str, str]:
+def aliases(uri: str, model_name: str) -> dict[str, str]:
     """alias -> version of a registered model."""
     return {
-        alias: str(version)
-        for alias, version in MlflowClient(tracking_uri).get_registered_model(model_name).aliases.items()
+        alias: str(version) for alias, version in MlflowClient(uri).get_registered_model(model_name).aliases.items()
     }
 
 
-def download_bundle(tracking_uri: str, uri: str, dst: Path) -> Path:
+def download_bundle(uri: str, model_uri: str, dst: Path) -> Path:
     """Fetch a registered model (models:/NAME@alias, models:/NAME/3) or a logged bundle (runs:/ID/bundle);
     return its bundle folder."""
     try:
-        with _tracking_uri(tracking_uri):  # models:/ URIs resolve against the global registry URI
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+        with _fluent_api_store(uri):  # models:/ URIs resolve against the global registry URI
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
     except MlflowException as exc:
         reason = redact(exc.message.splitlines()[0])
-        raise InstsegError(f"cannot load model {uri} from {redact(tracking_uri)}: {reason}") from None
+        raise InstsegError(f"cannot load model {model_uri} from {redact(uri)}: {reason}") from None
     if is_bundle(local):  # runs:/ID/bundle: a bundle logged by a training run
         return local
     if not (local / "MLmodel").is_file():
-        raise InstsegError(f"{uri} is neither an instseg model bundle nor an MLflow model")
+        raise InstsegError(f"{model_uri} is neither an instseg model bundle nor an MLflow model")
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     relative = mlmodel["flavors"]["python_function"]["artifacts"][BUNDLE_ARTIFACT]["path"]
     bundle = local / relative
     if not is_bundle(bundle):
-        raise InstsegError(f"{uri} does not hold an instseg model bundle")
+        raise InstsegError(f"{model_uri} does not hold an instseg model bundle")
     return bundle
 
 
@@ -178,9 +177,9 @@ class ModelVersionRow:
     run_id: str
 
 
-def list_versions(tracking_uri: str, model_name: str) -> list[ModelVersionRow]:
+def list_versions(uri: str, model_name: str) -> list[ModelVersionRow]:
     """Every version of `model_name`, newest first, with its aliases and what its promotion recorded."""
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(uri)
     try:
         by_version = {}
         for alias, version in client.get_registered_model(model_name).aliases.items():
@@ -188,7 +187,7 @@ def list_versions(tracking_uri: str, model_name: str) -> list[ModelVersionRow]:
         versions = client.search_model_versions(f"name='{model_name}'")
     except MlflowException as exc:
         raise InstsegError(
-            f"registered model '{model_name}' in {redact(tracking_uri)}: {redact(exc.message.splitlines()[0])}"
+            f"registered model '{model_name}' in {redact(uri)}: {redact(exc.message.splitlines()[0])}"
         ) from None
     return [
         ModelVersionRow(
@@ -202,10 +201,10 @@ def list_versions(tracking_uri: str, model_name: str) -> list[ModelVersionRow]:
     ]
 
 
-def rollback(tracking_uri: str, model_name: str) -> tuple[str, str]:
+def rollback(uri: str, model_name: str) -> tuple[str, str]:
     """Point `champion` back at the version it replaced (the champion its promotion recorded); returns
     (from, to). The version rolled back from is tagged, so a second rollback goes one step further back."""
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(uri)
     current = version_for(client, model_name, CHAMPION)
     if current is None:
         raise InstsegError(f"registered model '{model_name}' has no '{CHAMPION}' alias: nothing to roll back")

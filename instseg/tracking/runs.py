@@ -1,4 +1,4 @@
-"""MLflow runs: tracking URI resolution, experiments, (nested) runs and a rank-0 run logger.
+"""MLflow runs: experiments, (nested) runs, a rank-0 run logger, and the quiet, reachable store they need.
 
 Runs are created by drivers (the train entry point, the tuning study, each trial driver) and
 their ids are handed down explicitly; workers only log into a run id they were given.
@@ -19,7 +19,6 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from instseg.config import absolute_tracking_uri
 from instseg.errors import ConfigError, first_line
 from instseg.redaction import redact
 
@@ -39,10 +38,10 @@ def quick_requests() -> Any:
     return mlflow_env(QUICK_RETRIES)
 
 
-def quiet_urls(tracking_uri: str) -> Any:
+def quiet_urls(uri: str) -> Any:
     """MLflow prints "View run ... at: URL" when a run ends on a server, credentials and all: not for a URI
     that has some."""
-    has_credentials = redact(tracking_uri) != tracking_uri
+    has_credentials = redact(uri) != uri
     return mlflow_env({"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"} if has_credentials else {})
 
 
@@ -72,11 +71,6 @@ def check_tracking_reachable(uri: str) -> None:
         raise ConfigError(f"cannot reach the MLflow tracking server at {redact(uri)}: {first_line(exc)}") from None
 
 
-def resolve_tracking_uri(uri: str | None = None, base: Path | None = None) -> str:
-    """The tracking URI to use (see config.absolute_tracking_uri): Ray workers run in another cwd."""
-    return absolute_tracking_uri(uri, base)
-
-
 def _default_artifact_location(uri: str) -> str | None:
     """Beside the sqlite file, so artifacts never land in whatever cwd a worker has."""
     if uri.startswith("sqlite:///"):
@@ -102,14 +96,14 @@ def library_versions() -> dict[str, str]:
 
 
 def create_run(
-    tracking_uri: str,
+    uri: str,
     experiment: str,
     run_name: str | None = None,
     parent_run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> str:
     """A new RUNNING run (a child of `parent_run_id` when given); returns its id."""
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(uri)
     all_tags = {**library_versions(), **(tags or {})}
     if parent_run_id:
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
@@ -122,8 +116,8 @@ def create_run(
 class RunLogger:
     """Logs into one existing run by id, without touching MLflow's global active-run state."""
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.client = MlflowClient(tracking_uri)
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.client = MlflowClient(uri)
         self.run_id = run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -205,9 +199,9 @@ class RunLogger:
         self.client.set_tag(self.run_id, key, f"{current},{value}" if current else str(value))
 
 
-def find_run(tracking_uri: str, experiment: str, run_name: str, kind: str) -> Any | None:
+def find_run(uri: str, experiment: str, run_name: str, kind: str) -> Any | None:
     """The newest run of `kind` named `run_name` in `experiment`, or None."""
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
@@ -220,8 +214,8 @@ def find_run(tracking_uri: str, experiment: str, run_name: str, kind: str) -> An
     return runs[0] if runs else None
 
 
-def child_runs(tracking_uri: str, parent_run_id: str) -> list[Any]:
-    client = MlflowClient(tracking_uri)
+def child_runs(uri: str, parent_run_id: str) -> list[Any]:
+    client = MlflowClient(uri)
     parent = client.get_run(parent_run_id)
     return client.search_runs(
         [parent.info.experiment_id],
@@ -231,7 +225,7 @@ def child_runs(tracking_uri: str, parent_run_id: str) -> list[Any]:
 
 
 def start_system_metrics(
-    tracking_uri: str, run_id: str, interval_s: float, node_id: str | None = None, resume: bool = False
+    uri: str, run_id: str, interval_s: float, node_id: str | None = None, resume: bool = False
 ) -> Any:
     """MLflow's system metrics monitor (system/cpu_utilization_percentage, system/gpu_0_memory_usage_megabytes,
     ...; GPU metrics when pynvml finds one) logging into `run_id` every `interval_s` seconds from this process,
@@ -242,7 +236,7 @@ def start_system_metrics(
     # its INFO lines (started, stopping, no GPU found) would interleave with the epoch table
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     monitor = SystemMetricsMonitor(
-        run_id, sampling_interval=interval_s, resume_logging=resume, node_id=node_id, tracking_uri=tracking_uri
+        run_id, sampling_interval=interval_s, resume_logging=resume, node_id=node_id, tracking_uri=uri
     )
     monitor.start()
     return monitor

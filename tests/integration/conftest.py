@@ -3,21 +3,11 @@ clusters started by hand (multi-node, job submission) need before their first pr
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from instseg.data.synth import synthesize
-
-RAY_CLI = str(Path(sys.executable).parent / "ray")
-
-
-def ensure_auth_token() -> str:
-    """The token in $HOME/.ray/auth_token (HOME is a temp dir in tests), created on first use."""
-    done = subprocess.run([RAY_CLI, "get-auth-token", "--generate"], capture_output=True, text=True, check=True)
-    return done.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="session")

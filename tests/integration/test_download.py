@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from instseg.cli import main as cli_main
-from tests.conftest import shared_dataset
+from tests.helpers import shared_dataset
 
 pytestmark = pytest.mark.integration
 

@@ -10,69 +10,32 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from instseg.metrics.names import EPOCH, FITNESS
-from instseg.tracking.runs import find_run
 from ray_jobs.train import run_training
 from ray_jobs.train_loop import NODES_TAG, RESUMED_TAG
-from tests.conftest import DEMO_CONFIG, ROOT, isolated_overrides
-from tests.integration.conftest import ensure_auth_token
+from tests.helpers import (
+    DEMO_CONFIG,
+    EPOCHS,
+    RAY_LOG_LINE,
+    ROOT,
+    assert_one_point_per_epoch,
+    cli_overrides,
+    ensure_auth_token,
+    finish,
+    steps,
+    wait_for_epoch,
+)
 
 pytestmark = pytest.mark.integration
-
-EPOCHS = 3
-# keys whose history must be exactly one point per epoch
-RAY_LOG_LINE = re.compile(r"^(\x1b\[\d+m)?\(")  # a line Ray forwarded from a worker or actor
-PER_EPOCH_KEYS = (FITNESS, EPOCH, "train/loss", "val/segm_map", "val/loss", "train/lr")
-
-
-def cli_overrides(data_root: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        *isolated_overrides(data_root, tmp_path),
-        f"train.epochs={EPOCHS}",
-        "tracking.experiment=faults",
-        *extra,
-    ]
-
-
-def wait_for_epoch(
-    tracking_uri: str, run_name: str, epoch: int, timeout: float = 300, process: subprocess.Popen | None = None
-) -> str:
-    """Poll MLflow until run `run_name` has logged `epoch`; returns its run id."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise AssertionError(
-                f"driver exited with {process.returncode} before epoch {epoch}:\n{process.stdout.read()}"
-            )
-        run = find_run(tracking_uri, "faults", run_name, kind="train")
-        if run is not None and epoch in steps(tracking_uri, run.info.run_id, FITNESS):
-            return run.info.run_id
-        time.sleep(0.2)
-    output = ""
-    if process is not None:
-        process.kill()
-        output = process.communicate()[0][-4000:]
-    raise AssertionError(f"run {run_name} did not log epoch {epoch} within {timeout} s\n{output}")
-
-
-def steps(tracking_uri: str, run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in MlflowClient(tracking_uri).get_metric_history(run_id, key))
-
-
-def assert_one_point_per_epoch(tracking_uri: str, run_id: str, epochs: int = EPOCHS) -> None:
-    for key in PER_EPOCH_KEYS:
-        assert steps(tracking_uri, run_id, key) == list(range(1, epochs + 1)), key  # no gap, no duplicate
 
 
 def start_driver(overrides: list[str], **env: str) -> subprocess.Popen:
@@ -84,16 +47,6 @@ def start_driver(overrides: list[str], **env: str) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
     )
-
-
-def finish(process: subprocess.Popen, timeout: float = 400) -> str:
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-        raise AssertionError(f"driver still running after {timeout} s:\n{output[-4000:]}")
-    return output
 
 
 def test_a_worker_killed_mid_epoch_restores_from_last_checkpoint(local_ray, longer_epochs_root, tmp_path):

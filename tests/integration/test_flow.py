@@ -19,7 +19,7 @@ from instseg.models.bundle import load_bundle
 from instseg.tracking.gate import promote
 from instseg.tracking.pyfunc_model import encode_image_file
 from instseg.tracking.registry import CHALLENGER, CHAMPION, aliases, download_bundle, register_bundle
-from tests.conftest import DEMO_CONFIG, TINY
+from tests.helpers import DEMO_CONFIG, TINY
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,6 @@ runs end to end when the token travels with the submission, and a submission wit
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,16 +13,10 @@ from mlflow import MlflowClient
 from instseg.cli import main as cli_main
 from instseg.metrics.names import EPOCH, FITNESS
 from ray_jobs.submit import load_runtime_env, submit_job
-from tests.conftest import DEMO_CONFIG, ROOT, isolated_overrides
-from tests.integration.conftest import RAY_CLI, ensure_auth_token
+from tests.helpers import DEMO_CONFIG, RAY_CLI, ROOT, ensure_auth_token, isolated_overrides
+from tests.servers import free_port
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

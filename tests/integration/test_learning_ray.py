@@ -5,7 +5,7 @@ import pytest
 from mlflow import MlflowClient
 
 from ray_jobs.train import run_training
-from tests.conftest import OVERFIT_BAR, overfit_config
+from tests.helpers import OVERFIT_BAR, overfit_config
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,6 @@ started while the first holds the `gpu` slot, waits: the two studies never train
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,18 +21,13 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows.deploy import DEPLOYMENT_NAME, deploy_to_pool, make_schedule
 from flows.pipeline import FLOW_NAME, GPU_LIMIT
 from instseg.tracking.registry import CHAMPION, aliases
-from tests.conftest import DEMO_CONFIG, ROOT, isolated_overrides
+from tests.helpers import DEMO_CONFIG, ROOT, isolated_overrides
+from tests.servers import free_port
 
 pytestmark = pytest.mark.integration
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 POOL = "test-pool"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -48,7 +42,7 @@ def _stop(process: subprocess.Popen) -> None:
 @pytest.fixture
 def prefect_api(tmp_path):
     """A Prefect server on 127.0.0.1 with its database in tmp_path; yields the environment that reaches it."""
-    url = f"http://127.0.0.1:{_free_port()}/api"
+    url = f"http://127.0.0.1:{free_port()}/api"
     env = {
         **os.environ,
         "PREFECT_HOME": str(tmp_path / "prefect"),

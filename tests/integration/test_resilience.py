@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,16 +28,18 @@ from instseg.cli import main as cli_main
 from instseg.metrics.names import FITNESS
 from instseg.tracking.liveness import NOTE_TAG
 from instseg.tracking.runs import child_runs, find_run
-from tests.conftest import DEMO_CONFIG, ROOT
-from tests.integration.test_faults import (
+from tests.helpers import (
+    DEMO_CONFIG,
     RAY_LOG_LINE,
+    ROOT,
     assert_one_point_per_epoch,
     cli_overrides,
+    files_containing,
     finish,
     steps,
     wait_for_epoch,
 )
-from tests.servers import stop_process_group
+from tests.servers import free_port, stop_process_group
 
 pytestmark = pytest.mark.integration
 
@@ -46,12 +47,6 @@ MLFLOW_CLI = str(Path(sys.executable).parent / "mlflow")
 TOKEN = "XYZZY"  # the part of the password searched for everywhere (unchanged by percent-encoding)
 PASSWORD = f"pa/ss@w0rd?{TOKEN}&x"
 OUTAGE_S = 15
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class MlflowServer:
@@ -124,10 +119,6 @@ def kill_group(process: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     process.wait()
-
-
-def files_containing(folder: Path, needle: bytes) -> list[str]:
-    return [str(p) for p in folder.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
 
 def test_training_outlives_an_mlflow_outage_and_no_secret_leaves_the_process(

@@ -7,7 +7,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,17 +25,12 @@ from instseg.models import build_model
 from instseg.models.bundle import write_bundle
 from instseg.tracking.registry import CHAMPION, register_bundle
 from instseg.tracking.runs import create_run
-from tests.conftest import overfit_config
+from tests.helpers import overfit_config
+from tests.servers import free_port
 
 pytestmark = pytest.mark.integration
 
 MLFLOW_CLI = str(Path(sys.executable).parent / "mlflow")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def post(url: str, payload: dict) -> tuple[int, dict]:

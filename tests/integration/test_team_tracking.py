@@ -17,8 +17,7 @@ from instseg.promotion import promote_on_split, register_run
 from instseg.tracking.registry import CHAMPION, aliases
 from instseg.tracking.runs import find_run
 from ray_jobs.train import register_trained, run_training
-from tests.conftest import DEMO_CONFIG, ROOT, isolated_overrides
-from tests.integration.test_resilience import files_containing
+from tests.helpers import DEMO_CONFIG, ROOT, files_containing, isolated_overrides
 from tests.servers import PostgresCluster, TrackingServer, postgres_unavailable
 from tuning.tune import run_tuning
 

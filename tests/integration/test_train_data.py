@@ -10,7 +10,7 @@ from instseg.cli import main as cli_main
 from instseg.data.formats import convert
 from instseg.metrics.names import FITNESS
 from ray_jobs.train import run_training
-from tests.conftest import shared_dataset
+from tests.helpers import shared_dataset
 
 pytestmark = pytest.mark.integration
 

@@ -21,9 +21,10 @@ from instseg.metrics.results import RESULTS_CSV
 from instseg.models import build_model
 from instseg.models.bundle import load_bundle
 from instseg.tracking.registry import download_bundle
+from ray_jobs.driver_run import create_driver_run, fit_and_log
 from ray_jobs.train import run_training
-from ray_jobs.train_loop import NODES_TAG, validate
-from ray_jobs.trainer import WORKER_ENV, build_trainer, create_driver_run, fit_and_log
+from ray_jobs.train_loop import NODES_TAG, validation_step
+from ray_jobs.trainer import WORKER_ENV, build_trainer
 
 pytestmark = pytest.mark.integration
 
@@ -133,11 +134,9 @@ def test_two_ddp_workers_train_and_report_once_per_epoch(local_ray, tiny_config,
     and exactly one ray.train.report per epoch (each blocks ~2 s in Train V2)."""
     cfg = tiny_config("train.epochs=2", "ray.num_workers=2", "run_name=it-ddp")
     reports = tmp_path / "reports.txt"
-    run_id = create_driver_run(cfg, cfg.tracking.uri, "it-ddp", kind="train")
-    trainer = build_trainer(
-        cfg, tracking_uri=cfg.tracking.uri, run_id=run_id, name="it-ddp", callbacks=[ReportRecorder(reports)]
-    )
-    summary = fit_and_log(trainer, cfg.tracking.uri, run_id)
+    run_id = create_driver_run(cfg, "it-ddp", kind="train")
+    trainer = build_trainer(cfg, run_id=run_id, name="it-ddp", callbacks=[ReportRecorder(reports)])
+    summary = fit_and_log(trainer, cfg, run_id)
     assert [r[EPOCH] for r in ReportRecorder.read(reports)] == [1, 2], "the loop must report exactly once per epoch"
     run = MlflowClient(summary.tracking_uri).get_run(summary.run_id)
     assert run.info.status == "FINISHED" and run.data.params["ray.world_size"] == "2"
@@ -155,7 +154,7 @@ def _validate_in_workers(loop_config: dict) -> None:
     model = ray.train.torch.prepare_model(core)
     device = ray.train.torch.get_device()
     evaluator = CocoEvaluator(val_set.coco, train_set.label_map)
-    metrics, _ = validate(
+    metrics, _ = validation_step(
         getattr(model, "module", model), val_set, build_loader(val_set, cfg.data, shuffle=False), cfg, device, evaluator
     )
     ray.train.report(

@@ -11,7 +11,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from instseg.metrics.names import EPOCH, FITNESS, LEARNING_RATE
 from instseg.metrics.results import RESULTS_CSV
 from ray_jobs.train_loop import CLONED_TAG
-from tuning.tune import TrialSummary, run_tuning
+from tuning.summary import TrialSummary
+from tuning.tune import run_tuning
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ from instseg.config import load, resolve_paths
 from instseg.errors import ConfigError
 from instseg.metrics.names import FITNESS
 from instseg.tracking.runs import child_runs, find_run
-from tests.conftest import DEMO_CONFIG, ROOT, isolated_overrides
+from tests.helpers import DEMO_CONFIG, ROOT, isolated_overrides
 from tuning.tune import TRIAL_ID_TAG, run_tuning
 
 pytestmark = pytest.mark.integration

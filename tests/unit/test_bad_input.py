@@ -20,7 +20,7 @@ from instseg.models import build_model
 from instseg.models.bundle import write_bundle
 from ray_jobs.cli_common import run_cli
 from ray_jobs.train import main as train_main
-from tests.conftest import DEMO_CONFIG, isolated_overrides
+from tests.helpers import DEMO_CONFIG, isolated_overrides
 
 TRAIN_JSON = "annotations/instances_train.json"
 VAL_JSON = "annotations/instances_val.json"

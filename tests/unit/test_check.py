@@ -9,7 +9,7 @@ import pytest
 from instseg.cli import main as cli_main
 from instseg.data.coco import CocoInstanceDataset
 from instseg.errors import DataError
-from tests.conftest import shared_dataset
+from tests.helpers import shared_dataset
 
 
 def _coco(root: Path) -> dict:
@@ -123,7 +123,7 @@ def test_clean_dataset_exits_0_and_usage_errors_exit_2(synth_root, tmp_path, cap
 
 
 def test_check_warns_when_the_configs_splits_are_missing(synth_root, tmp_path, capsys):
-    from tests.conftest import DEMO_CONFIG
+    from tests.helpers import DEMO_CONFIG
 
     config = tmp_path / "run.yaml"
     config.write_text(DEMO_CONFIG.read_text().replace("val_split: val ", "val_split: valid"))
@@ -215,7 +215,7 @@ def test_training_on_a_broken_dataset_stops_before_ray_in_one_line(tmp_path, syn
     import subprocess
     import sys
 
-    from tests.conftest import DEMO_CONFIG
+    from tests.helpers import DEMO_CONFIG
 
     root = tmp_path / "broken"
     shutil.copytree(synth_root, root)

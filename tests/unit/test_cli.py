@@ -16,7 +16,7 @@ from instseg.data.coco import CocoInstanceDataset
 from instseg.data.formats import convert
 from instseg.models import build_model
 from instseg.models.bundle import write_bundle
-from tests.conftest import DEMO_CONFIG, OVERFIT_BAR, ROOT, overfit_config, shared_dataset
+from tests.helpers import DEMO_CONFIG, OVERFIT_BAR, ROOT, overfit_config, shared_dataset
 
 COMMANDS = [
     [],

@@ -9,7 +9,7 @@ import shlex
 import yaml
 
 from instseg.config import load
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 CLUSTER = ROOT / "cluster"
 

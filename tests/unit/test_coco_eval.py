@@ -8,7 +8,7 @@ from instseg.data.coco import CocoInstanceDataset, load_coco
 from instseg.metrics.coco_eval import CocoEvaluator, coco_stats, device_rle
 from instseg.metrics.fitness import fitness
 from instseg.metrics.names import COCO_STAT_NAMES
-from tests.conftest import shared_dir
+from tests.helpers import shared_dir
 
 COCOAPI = shared_dir() / "coco_eval" / "cocoapi_val2014_100"
 

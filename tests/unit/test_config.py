@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from instseg.config import Config, flatten, load, resolve_paths, with_values
+from instseg.config import Config, apply_overrides, flatten, load, resolve_paths
 from instseg.errors import ConfigError
 from instseg.redaction import redact, redact_tree
-from tests.conftest import DEMO_CONFIG
+from tests.helpers import DEMO_CONFIG
 
 
 def test_demo_config_loads_and_every_key_is_documented():
@@ -46,11 +46,31 @@ def test_search_space_keys_must_be_config_keys():
         load(DEMO_CONFIG, ["tune.search_space={train.lrr: {type: uniform, low: 0.1, high: 0.2}}"])
 
 
-def test_with_values_validates_sampled_parameters():
+@pytest.mark.parametrize(
+    "space, expected",
+    [
+        ("{train.lr: {type: choice, values: []}}", "tune.search_space.train.lr: type choice needs a non-empty"),
+        (
+            "{train.lr: {type: uniform, low: 0.2, high: 0.1}}",
+            "tune.search_space.train.lr: type uniform needs low < high",
+        ),
+        ("{train.lr: {type: loguniform, low: 0, high: 0.1}}", "tune.search_space.train.lr: loguniform needs low > 0"),
+        ("{train.epochs: {type: randint, low: 0, high: 3}}", "tune.search_space.train.epochs: "),
+        ("{data.hflip_prob: {type: choice, values: [0.5, 2]}}", "tune.search_space.data.hflip_prob: "),
+    ],
+)
+def test_a_search_space_is_checked_once_when_the_config_loads(space, expected):
+    # every value a dimension can produce must be valid for its key: refused before any command runs
+    with pytest.raises(ConfigError) as err:
+        load(DEMO_CONFIG, [f"tune.search_space={space}"])
+    assert str(err.value).startswith(expected), str(err.value)
+
+
+def test_apply_overrides_validates_sampled_parameters():
     cfg = load(DEMO_CONFIG)
-    assert with_values(cfg, {"train.lr": 0.5}).train.lr == 0.5
+    assert apply_overrides(cfg, {"train.lr": 0.5}).train.lr == 0.5
     with pytest.raises(ConfigError, match="train.optimizer"):
-        with_values(cfg, {"train.optimizer": "lion"})
+        apply_overrides(cfg, {"train.optimizer": "lion"})
 
 
 def test_flatten_gives_dotted_scalars():

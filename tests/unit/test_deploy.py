@@ -1,7 +1,7 @@
 import pytest
 
 from instseg.errors import ConfigError
-from tests.conftest import DEMO_CONFIG
+from tests.helpers import DEMO_CONFIG
 
 
 def test_deployment_carries_schedule_and_parameters():

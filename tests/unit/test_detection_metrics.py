@@ -8,7 +8,7 @@ from pycocotools import mask as mask_utils
 
 from instseg.cli import main as cli_main
 from instseg.metrics.detection import ConfusionMatrix, ap_per_class, compute_ap, match_predictions, matched_dice
-from tests.conftest import shared_dir
+from tests.helpers import shared_dir
 
 COCOAPI = shared_dir() / "coco_eval" / "cocoapi_val2014_100"
 

@@ -2,7 +2,7 @@
 MLflow run when the server is reachable over HTTP; the promotion decision with both sides' numbers."""
 
 from flows.reports import promotion_markdown, run_link, trials_markdown
-from tuning.tune import TrialSummary, TuneSummary
+from tuning.summary import TrialSummary, TuneSummary
 
 
 def test_trials_are_listed_best_first_with_links_on_an_http_server():

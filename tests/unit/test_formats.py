@@ -9,7 +9,7 @@ from instseg.cli import main as cli_main
 from instseg.data.coco import CocoInstanceDataset
 from instseg.data.files import MADE_BY_KEY
 from instseg.data.formats import COCO80, convert, detect_format
-from tests.conftest import shared_dataset
+from tests.helpers import shared_dataset
 
 
 def _load(root, split):

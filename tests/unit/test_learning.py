@@ -10,7 +10,7 @@ from instseg.config import Config
 from instseg.data.coco import CocoInstanceDataset
 from instseg.evaluation import evaluate_on_split
 from instseg.models import build_model
-from tests.conftest import OVERFIT_BAR, overfit_config, train_in_process
+from tests.helpers import OVERFIT_BAR, overfit_config, train_in_process
 
 
 class ShiftedLabels(CocoInstanceDataset):

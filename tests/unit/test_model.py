@@ -9,7 +9,7 @@ from instseg.errors import ConfigError
 from instseg.metrics.names import TRAIN_LOSS_KEYS
 from instseg.models import build_model
 from instseg.models.weights import CLASS_HEAD_PREFIXES, OFFLINE_ENV
-from tests.conftest import DEMO_CONFIG
+from tests.helpers import DEMO_CONFIG
 
 
 def _tiny() -> ModelConfig:

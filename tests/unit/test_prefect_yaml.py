@@ -10,7 +10,7 @@ from prefect.schedules import Cron, Interval, RRule
 from flows.deploy import WORK_POOL
 from flows.pipeline import FLOW_ENTRYPOINT
 from instseg.config import load
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_every_deployment_names_the_flow_a_config_that_loads_the_pool_and_one_schedule():

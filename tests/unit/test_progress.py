@@ -10,7 +10,7 @@ from instseg.engine.loops import train_one_epoch
 from instseg.engine.progress import BarProgress, LineProgress
 from instseg.metrics.names import EPOCH, EPOCH_TIME, FITNESS, TRAIN_LOSS, val_key
 from instseg.metrics.results import RESULTS_COLUMNS, EpochTable, results_csv
-from tests.unit.test_train_step import load_bench, tiny_model
+from tests.helpers import load_bench, tiny_model
 
 
 class RecordingProgress:

@@ -6,7 +6,7 @@ import pytest
 import ray_jobs.shared_paths as shared_paths
 from instseg.config import load, resolve_paths
 from instseg.errors import ConfigError
-from tests.conftest import DEMO_CONFIG
+from tests.helpers import DEMO_CONFIG
 
 
 def config(tmp_path, *overrides):

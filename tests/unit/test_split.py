@@ -14,7 +14,7 @@ from instseg.data.formats import convert
 from instseg.data.loaders import build_datasets
 from instseg.data.split import stratified_val_ids
 from instseg.errors import DataError
-from tests.conftest import shared_dataset
+from tests.helpers import shared_dataset
 
 
 @pytest.fixture(scope="module")

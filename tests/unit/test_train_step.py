@@ -1,39 +1,23 @@
 """Our training step (losses summed on the device, no host sync per step) does the same math as the
 torchvision-references loop that bench/gpu_train.py times it against."""
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from instseg.config import ModelConfig
 from instseg.engine.loops import NonFiniteLossError, train_one_epoch
 from instseg.metrics.names import TRAIN_LOSS, train_key
-from instseg.models import build_model
+from tests.helpers import BENCH, load_bench, tiny_model
 
 CPU = torch.device("cpu")
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu_train.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("gpu_train_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def bench():
     return load_bench()
-
-
-def tiny_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_model(ModelConfig(arch="tiny", weights="none", min_size=128, max_size=128), 81)
 
 
 def test_our_step_matches_the_reference_loop_in_fp32(bench):

@@ -14,9 +14,10 @@ from ray.tune.search.optuna import OptunaSearch
 from instseg.config import SearchDimension, TrainConfig, load
 from instseg.engine.optim import apply_optimizer_settings, build_optimizer, build_scheduler
 from instseg.errors import ConfigError
-from tests.conftest import DEMO_CONFIG
+from tests.helpers import DEMO_CONFIG
+from tuning.algorithms import build_searcher, build_trial_scheduler, smallest_halving_bracket
 from tuning.pbt import TrainCheckpointPBT, WithinSearchSpace
-from tuning.tune import TrialSummary, TuneSummary, _scheduler, _search, format_trials, smallest_halving_bracket
+from tuning.summary import TrialSummary, TuneSummary, format_trials
 
 
 @pytest.mark.parametrize(
@@ -30,7 +31,7 @@ from tuning.tune import TrialSummary, TuneSummary, _scheduler, _search, format_t
 )
 def test_each_search_is_built_and_seeded(setting, kind, sampler):
     scheduler = "tune.scheduler=hyperband" if setting == "bohb" else "tune.scheduler=asha"
-    search = _search(load(DEMO_CONFIG, [f"tune.search={setting}", "tune.seed=7", scheduler]))
+    search = build_searcher(load(DEMO_CONFIG, [f"tune.search={setting}", "tune.seed=7", scheduler]))
     assert isinstance(search, kind)
     if sampler is not None:
         assert isinstance(search._sampler, sampler)
@@ -39,13 +40,15 @@ def test_each_search_is_built_and_seeded(setting, kind, sampler):
 
 
 def test_each_scheduler_is_built():
-    assert isinstance(_scheduler(load(DEMO_CONFIG, ["tune.scheduler=asha"]), "s"), ASHAScheduler)
-    assert isinstance(_scheduler(load(DEMO_CONFIG, ["tune.scheduler=median"]), "s"), MedianStoppingRule)
-    assert type(_scheduler(load(DEMO_CONFIG, ["tune.scheduler=none"]), "s")) is FIFOScheduler
-    assert type(_scheduler(load(DEMO_CONFIG, ["tune.scheduler=hyperband"]), "s")) is HyperBandScheduler
-    bohb = _scheduler(load(DEMO_CONFIG, ["tune.scheduler=hyperband", "tune.search=bohb", "train.epochs=8"]), "s")
+    assert isinstance(build_trial_scheduler(load(DEMO_CONFIG, ["tune.scheduler=asha"]), "s"), ASHAScheduler)
+    assert isinstance(build_trial_scheduler(load(DEMO_CONFIG, ["tune.scheduler=median"]), "s"), MedianStoppingRule)
+    assert type(build_trial_scheduler(load(DEMO_CONFIG, ["tune.scheduler=none"]), "s")) is FIFOScheduler
+    assert type(build_trial_scheduler(load(DEMO_CONFIG, ["tune.scheduler=hyperband"]), "s")) is HyperBandScheduler
+    bohb = build_trial_scheduler(
+        load(DEMO_CONFIG, ["tune.scheduler=hyperband", "tune.search=bohb", "train.epochs=8"]), "s"
+    )
     assert type(bohb) is HyperBandForBOHB and bohb._max_t_attr == 8
-    pbt = _scheduler(load(DEMO_CONFIG, [*PBT, "tune.perturbation_interval=3"]), "s")
+    pbt = build_trial_scheduler(load(DEMO_CONFIG, [*PBT, "tune.perturbation_interval=3"]), "s")
     assert type(pbt) is TrainCheckpointPBT and pbt._synch and pbt._perturbation_interval == 3
     assert set(pbt._hyperparam_mutations) == {"train.lr", "train.weight_decay"} and pbt.study == "s"
     with pytest.raises(ConfigError, match="tune.scheduler"):

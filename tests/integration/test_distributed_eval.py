@@ -11,10 +11,12 @@ import torch.multiprocessing as mp
 from instseg.config import DataConfig, ModelConfig
 from instseg.data.coco import CocoInstanceDataset
 from instseg.data.loaders import build_loader
-from instseg.engine.distributed import evaluate_sharded
-from instseg.engine.loops import evaluate
+from instseg.engine.distributed import sharded_coco_metrics
+from instseg.engine.loops import coco_metrics
 from instseg.metrics.coco_eval import CocoEvaluator
 from instseg.models import build_model
+
+pytestmark = pytest.mark.integration
 
 MODEL = ModelConfig(
     arch="tiny", weights="none", min_size=128, max_size=160, box_score_thresh=0.0, box_detections_per_img=20
@@ -36,7 +38,9 @@ def _worker(rank: int, world: int, port: int, weights: str, root: str, out: str)
         model = build_model(MODEL, dataset.label_map.num_classes)
         model.load_state_dict(torch.load(weights, weights_only=True))
         evaluator = CocoEvaluator(dataset.coco, dataset.label_map)
-        metrics = evaluate_sharded(model, dataset, DataConfig(root=root, batch_size=2), torch.device("cpu"), evaluator)
+        metrics = sharded_coco_metrics(
+            model, dataset, DataConfig(root=root, batch_size=2), torch.device("cpu"), evaluator
+        )
         if rank == 0:
             torch.save(
                 {"metrics": metrics, "images": sorted(evaluator.image_ids), "detections": len(evaluator.results)}, out
@@ -54,7 +58,7 @@ def test_two_ranks_gather_to_the_single_process_metrics(overfit_root, overfit_we
     model.load_state_dict(torch.load(overfit_weights, weights_only=True))
     evaluator = CocoEvaluator(dataset.coco, dataset.label_map)
     loader = build_loader(dataset, DataConfig(root=str(overfit_root), batch_size=2), shuffle=False)
-    single = evaluate(model, loader, torch.device("cpu"), evaluator)
+    single = coco_metrics(model, loader, torch.device("cpu"), evaluator)
     assert single["val/bbox_mar100"] > 0.3, "the model must detect the shapes for the comparison to mean anything"
 
     out = tmp_path / "rank0.pt"

@@ -21,7 +21,9 @@ from PIL import Image
 from instseg.cli import main as cli_main
 from instseg.data.coco import to_rle
 from instseg.data.files import STAGING_MARK, staged_folder
-from tests.conftest import shared_dataset
+from tests.helpers import shared_dataset
+
+pytestmark = pytest.mark.integration
 
 INSTSEG = [sys.executable, "-c", "import sys; from instseg.cli import main; sys.exit(main())"]
 
