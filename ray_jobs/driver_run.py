@@ -100,8 +100,7 @@ def open_train_run(cfg: Config, name: str) -> tuple[str, bool]:
             f"{Path(cfg.ray.storage_path, name)}: it cannot resume without repeating logged epochs; "
             "choose a new run_name"
         )
-    logger.reopen()
-    logger.set_tags(driver_tags())
+    logger.reopen(driver_tags())
     return run_id, True
 
 

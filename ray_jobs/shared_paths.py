@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from instseg.config import Config
 from instseg.errors import ConfigError
 from instseg.redaction import redact
+from ray_jobs.node_loss import alive_nodes
 
 PROBE_TIMEOUT_S = 60.0
 MARKER_PREFIX = ".instseg-shared-check-"
@@ -49,11 +50,11 @@ def _visible(markers: list[str]) -> list[bool]:
     return [os.path.exists(marker) for marker in markers]
 
 
-def unseen_by_nodes(folders: dict[str, str]) -> dict[str, list[str]]:
-    """Config key -> addresses of the live nodes (other than this driver's) that do not see its folder."""
+def unseen_by_nodes(folders: dict[str, str], nodes: dict[str, str]) -> dict[str, list[str]]:
+    """Config key -> addresses of the live `nodes` (id -> address; this driver's own is skipped) that do not see
+    its folder."""
     here = ray.get_runtime_context().get_node_id()
-    others = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}
-    others.pop(here, None)
+    others = {node_id: address for node_id, address in nodes.items() if node_id != here}
     markers = {}
     for key, folder in folders.items():
         Path(folder).mkdir(parents=True, exist_ok=True)
@@ -86,11 +87,11 @@ def unseen_by_nodes(folders: dict[str, str]) -> dict[str, list[str]]:
 
 def check_shared_paths(cfg: Config) -> None:
     """ConfigError when a node of a multi-node cluster cannot see ray.storage_path or the sqlite tracking store."""
-    nodes = [node for node in ray.nodes() if node["Alive"]]
+    nodes = alive_nodes()
     folders = folders_to_share(cfg)
     if len(nodes) < 2 or not folders:
         return
-    unseen = unseen_by_nodes(folders)
+    unseen = unseen_by_nodes(folders, nodes)
     if "ray.storage_path" in unseen:
         raise ConfigError(
             f"ray.storage_path {cfg.ray.storage_path} is not shared: node(s) {', '.join(unseen['ray.storage_path'])} "

@@ -103,8 +103,7 @@ def _open_trial_run(cfg: Config, parent_run_id: str, trial_id: str, driver: dict
     ]
     if earlier:
         logger = RunLogger(cfg.tracking.uri, earlier[0].info.run_id)
-        logger.reopen()
-        logger.set_tags({**driver, "instseg.trial_status": "running"})
+        logger.reopen({**driver, "instseg.trial_status": "running"})
         return logger.run_id
     return create_run(
         cfg.tracking.uri,
@@ -228,8 +227,7 @@ def _open_study_run(cfg: Config, study: str) -> tuple[RunLogger, str | None]:
             f"{experiment_path} to resume them from: choose a new run_name"
         )
     parent = RunLogger(cfg.tracking.uri, existing.info.run_id)
-    parent.reopen()
-    parent.set_tags({**driver_tags(), NOTE_TAG: "resumed"})
+    parent.reopen({**driver_tags(), NOTE_TAG: "resumed"})
     if not restorable:  # it stopped before its first trial: start the search, keep the run
         parent.log_params(flatten(cfg))
     return parent, experiment_path if restorable else None

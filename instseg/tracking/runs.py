@@ -189,9 +189,11 @@ class RunLogger:
     def logged_steps(self, key: str) -> set[int]:
         return {step for step, _ in self.history(key)}
 
-    def reopen(self) -> None:
-        """Mark a stopped or crashed run RUNNING again (a resumed run continues it)."""
+    def reopen(self, tags: dict[str, Any]) -> None:
+        """Mark a stopped or crashed run RUNNING again (a resumed run continues it), tagged with who now drives it
+        (`tags`: the new driver's, instseg.tracking.liveness)."""
         self.client.update_run(self.run_id, status="RUNNING")
+        self.set_tags(tags)
 
     def append_tag(self, key: str, value: Any) -> None:
         """Add `value` to a comma-separated tag (e.g. every epoch a run was resumed from)."""

@@ -98,7 +98,12 @@ def serve(backend: str, artifacts: str, host: str, port: int, workers: int = 2, 
         )
     if "://" not in artifacts:
         artifacts = str(Path(artifacts).resolve())
-        Path(artifacts).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(artifacts).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file, a path under a file, no permission
+            raise ConfigError(
+                f"--artifacts {artifacts}: cannot use it as the artifact folder ({first_line(exc)})"
+            ) from None
     folder = Path(tempfile.mkdtemp(prefix="instseg-tracking-"))
     # the backend URI may carry a password: by environment, not in argv (MLflow reads MLFLOW_BACKEND_STORE_URI)
     env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": backend}

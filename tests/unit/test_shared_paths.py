@@ -39,14 +39,14 @@ def three_nodes(monkeypatch):
     ],
 )
 def test_a_folder_a_node_cannot_see_is_refused_in_one_line(three_nodes, monkeypatch, tmp_path, unseen, message):
-    monkeypatch.setattr(shared_paths, "unseen_by_nodes", lambda folders: unseen)
+    monkeypatch.setattr(shared_paths, "unseen_by_nodes", lambda folders, nodes: unseen)
     with pytest.raises(ConfigError) as refused:
         shared_paths.check_shared_paths(config(tmp_path, "tracking.uri=sqlite:///mlflow.db"))
     assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_one_node_or_nothing_local_is_not_probed(monkeypatch, tmp_path):
-    def probe(folders):
+    def probe(folders, nodes):
         raise AssertionError("probed")
 
     monkeypatch.setattr(shared_paths, "unseen_by_nodes", probe)

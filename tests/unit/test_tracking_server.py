@@ -36,3 +36,14 @@ def test_no_secret_in_the_command_line_or_the_auth_settings(tmp_path):
     settings = auth_config(backend, tmp_path).read_text()
     assert "admin_password" not in settings and f"database_uri = {backend}" in settings
     assert (tmp_path / "basic_auth.ini").stat().st_mode & 0o077 == 0  # the database password: owner only
+
+
+def test_an_artifact_folder_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    taken = tmp_path / "artifacts"
+    taken.write_text("not a folder")
+    code = cli_main(
+        ["tracking", "serve", "--backend", f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts", str(taken)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and f"--artifacts {taken}: cannot use it as the artifact folder" in err
+    assert len(err.strip().splitlines()) == 1 and taken.read_text() == "not a folder"
