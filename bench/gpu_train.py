@@ -46,8 +46,10 @@ import time
 import traceback
 import warnings
 from collections import Counter
+from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from types import FrameType
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -55,7 +57,8 @@ from pycocotools import mask as mask_utils
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+THIS_FILE = Path(__file__).resolve()
+sys.path.insert(0, str(THIS_FILE.parents[1]))
 
 from torchvision.models.detection._utils import BoxCoder  # noqa: E402
 from torchvision.models.detection.roi_heads import RoIHeads  # noqa: E402
@@ -585,6 +588,32 @@ class Bench:
         return sum("synchroniz" in str(warning.message) for warning in caught)
 
 
+# the packages whose functions a host wait is charged to; this file's own functions count too
+ATTRIBUTED_PACKAGES = ("torchvision", "instseg")
+
+
+def is_attributed(module: str, filename: str) -> bool:
+    """Whether a frame is torchvision's, instseg's or this benchmark's: by the frame's module name (and, for this
+    script, which runs as __main__ or under a test's module name, by its exact file), never by a substring of the
+    path, which names every frame ours when the checkout or its .venv lives under a folder called instseg."""
+    return module.split(".", 1)[0] in ATTRIBUTED_PACKAGES or _resolved(filename) == THIS_FILE
+
+
+@lru_cache(maxsize=None)
+def _resolved(filename: str) -> Path:
+    return Path(filename).resolve()
+
+
+def attribute(frames: Iterable[tuple[FrameType, int]]) -> str:
+    """`file:function` of the innermost attributed frame (frames innermost first, as traceback.walk_stack gives
+    them), or "?" when there is none."""
+    for frame, _ in frames:
+        code = frame.f_code
+        if is_attributed(frame.f_globals.get("__name__", ""), code.co_filename):
+            return f"{Path(code.co_filename).name}:{code.co_name}"
+    return "?"
+
+
 class SyncCounter(TorchDispatchMode):
     """Counts SYNCING_OPS (and indexing with a boolean mask) by the innermost torchvision, instseg or bench
     function on the Python stack when they run."""
@@ -599,14 +628,8 @@ class SyncCounter(TorchDispatchMode):
             index is not None and index.dtype == torch.bool for index in args[1]
         )
         if name in SYNCING_OPS or boolean_index:
-            ours = [
-                frame
-                for frame in traceback.extract_stack()
-                if any(part in frame.filename for part in ("torchvision", "instseg", "gpu_train"))
-                and frame.name != "__torch_dispatch__"
-            ]
-            where = f"{Path(ours[-1].filename).name}:{ours[-1].name}" if ours else "?"
-            self.calls[where] += 1
+            # from the caller of this method: the dispatch itself is not where the wait comes from
+            self.calls[attribute(traceback.walk_stack(sys._getframe(1)))] += 1
         return func(*args, **(kwargs or {}))
 
 

@@ -456,7 +456,15 @@ def absolute_tracking_uri(uri: str | None, base: Path | None = None) -> str:
 
 # Ray unpacks a job's working_dir into <session>/runtime_resources/working_dir_files/<package>/ and runs the
 # job there: a temporary copy, without the folders runtime_env excludes (data/, ray_results/, *.db)
-JOB_COPY_FOLDER = "working_dir_files"
+JOB_COPY_FOLDERS = ("runtime_resources", "working_dir_files")
+
+
+def in_ray_job_copy(base: Path) -> bool:
+    """Whether `base` is inside Ray's copy of a job's working_dir: Ray's two folders, in that order, with the
+    package below them (not a folder name anywhere in the path, which a user's own checkout may contain)."""
+    parts = base.parts
+    width = len(JOB_COPY_FOLDERS)
+    return any(parts[i : i + width] == JOB_COPY_FOLDERS for i in range(len(parts) - width))
 
 
 def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
@@ -465,7 +473,7 @@ def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
     the working directory, relative paths that would miss the data or write results into that copy are refused
     (check_job_paths)."""
     base = base or Path.cwd()
-    if JOB_COPY_FOLDER in base.parts:
+    if in_ray_job_copy(base):
         check_job_paths(cfg, base)
     data_root = str((base / cfg.data.root).resolve())
     storage = cfg.ray.storage_path

@@ -363,10 +363,11 @@ def _log_overlay_grid(logger: RunLogger, label_map: Any, val_set: Any, evaluator
 
 def quiet_ray_train_reports() -> None:
     """Ray Train logs every report with its whole metrics dict at INFO through a logger named after its source
-    file (outside `ray.train`, so RunConfig's logging_config misses it): our epoch table says the same."""
-    for name in list(logging.root.manager.loggerDict):
-        if name.replace("\\", "/").endswith("ray/train/v2/_internal/execution/context.py"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    file (`logging.getLogger(__file__)`, outside `ray.train`, so RunConfig's logging_config misses it): our epoch
+    table says the same. The logger is found by that module's own __file__, not by a path ending."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def make_progress(mode: str, epoch: int, epochs: int) -> Progress | None:

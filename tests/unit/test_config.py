@@ -108,6 +108,10 @@ def test_inside_a_ray_job_copy_relative_paths_that_would_miss_or_lose_data_are_r
     ]
     assert resolve_paths(load(DEMO_CONFIG, absolute), job_copy).data.root == f"{tmp_path}/data"
     assert resolve_paths(cfg, tmp_path).data.root == str(tmp_path / "data" / "synth")
+    # a user's own checkout in a folder that happens to share a name with Ray's is not a job copy
+    checkout = tmp_path / "working_dir_files" / "runtime_resources" / "instseg"
+    checkout.mkdir(parents=True)
+    assert resolve_paths(cfg, checkout).data.root == str(checkout / "data" / "synth")
 
 
 @pytest.mark.parametrize(

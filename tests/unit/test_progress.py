@@ -127,3 +127,20 @@ def test_results_csv_is_copied_beside_the_checkpoints_and_a_storage_error_is_one
     (tmp_path / "blocked" / "results.csv" / "keep").write_text("x")
     assert copy_results_beside(Checkpoint(str(tmp_path / "blocked" / "epoch_0001"))) == text
     assert capsys.readouterr().out.startswith(f"could not write {tmp_path / 'blocked'}/results.csv")
+
+
+def test_ray_trains_per_report_log_is_quieted_by_its_module_not_by_a_path_ending():
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    from ray_jobs.train_loop import quiet_ray_train_reports
+
+    logger = logging.getLogger(context.__file__)
+    level = logger.level
+    try:
+        quiet_ray_train_reports()
+        # the logger Ray reports through (named after its file) is the one set to WARNING
+        assert context.logger is logger and logger.level == logging.WARNING
+    finally:
+        logger.setLevel(level)

@@ -4,6 +4,7 @@ torchvision-references loop that bench/gpu_train.py times it against."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +90,30 @@ def test_bench_self_test_runs_on_cpu(tmp_path):
     assert 0 < syncs["ours"]["total"] < syncs["reference"]["total"]
     assert not [place for place in syncs["ours"]["by_function"] if place.startswith(("loops.py", "boxes.py"))]
     assert syncs["reference"]["by_function"]["gpu_train.py:reference_train_steps"] > 0
+
+
+def _module(name: str, file: Path, source: str) -> dict:
+    """Functions that run as if defined in module `name`, loaded from `file`."""
+    namespace = {"__name__": name, "torch": torch}
+    exec(compile(source, str(file), "exec"), namespace)
+    return namespace
+
+
+def test_host_waits_are_charged_by_module_not_by_path(bench, tmp_path):
+    """A checkout whose .venv lives under folders named instseg, torchvision and gpu_train (a clone into
+    ~/instseg): torch's own frames there are still not ours, and the wait is charged to the instseg function
+    that called into torch."""
+    site = tmp_path / "instseg" / "torchvision" / "gpu_train" / ".venv" / "lib" / "python3.11" / "site-packages"
+    in_torch = _module(
+        "torch._fake_ops", site / "torch" / "_fake_ops.py", "def inner():\n    torch.ones(3).nonzero()\n"
+    )
+    ours = _module("instseg.engine.fake_loop", tmp_path / "src" / "fake_loop.py", "def outer(f):\n    f()\n")
+    with bench.SyncCounter() as counter:
+        ours["outer"](in_torch["inner"])
+    assert dict(counter.calls) == {"fake_loop.py:outer": 1}
+    with bench.SyncCounter() as counter:
+        in_torch["inner"]()  # called from this test: nobody's
+    assert dict(counter.calls) == {"?": 1}
 
 
 def test_bf16_autocast_gives_the_fp32_losses_to_bf16_tolerance(bench):
