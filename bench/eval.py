@@ -29,9 +29,11 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
-from instseg.data.coco import CocoInstanceDataset, coco_from_dict
+from instseg.data.coco import CocoInstanceDataset
 from instseg.data.formats import convert
-from instseg.metrics.coco_eval import CocoEvaluator, coco_stats, faster_ground_truth
+from instseg.data.ground_truth import coco_from_dict
+from instseg.metrics.coco_eval import CocoEvaluator
+from instseg.metrics.coco_scoring import coco_stats, faster_ground_truth
 
 
 def make_outputs(dataset: CocoInstanceDataset, extra: int, seed: int = 0) -> list[tuple[dict, dict]]:

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 from flows.pipeline import FLOW_NAME, tune_register_promote
 from instseg.cli import parse_command
 from instseg.config import Config
-from instseg.data.coco import annotation_path
+from instseg.data.formats import annotation_path
 from instseg.data.synth import synthesize, synthesized_with
 from instseg.metrics.names import FITNESS
 from instseg.tracking.registry import aliases

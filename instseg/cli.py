@@ -76,7 +76,7 @@ def _check(args: argparse.Namespace) -> int:
     path = args.path or (data.root if data else None)
     if path is None:
         raise InstsegError("data check needs a dataset PATH (or --config with data.root)")
-    report = check_dataset(Path(path), fmt=args.format, names=args.names)
+    report = check_dataset(Path(path), fmt=args.format, names=args.names, workers=args.workers, decode=args.decode)
     print(format_report(report))
     for warning in missing_split_warnings(report, data):
         print(f"warning: {warning}")
@@ -122,8 +122,15 @@ def print_report(report: dict[str, Any], files: list[Path], out: str) -> None:
 
 
 def _metrics(args: argparse.Namespace) -> int:
+    from instseg.data.schema import paused_gc
+
+    with paused_gc():  # a results file is hundreds of thousands of dicts: see paused_gc
+        return _score_results_file(args)
+
+
+def _score_results_file(args: argparse.Namespace) -> int:
     from instseg.config import MetricsConfig
-    from instseg.data.coco import load_coco
+    from instseg.data.ground_truth import load_coco
     from instseg.data.schema import check_results, read_json_file
     from instseg.metrics.report import score_results, write_report
 
@@ -413,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = data.add_parser("check", help="summarise a dataset and list every problem (exit 1 if any)")
     check.add_argument("path", nargs="?", default=None, help="dataset folder, any format (default: data.root)")
     check.add_argument("--config", default=None, help="a run config: also warn when its train / val split is missing")
+    check.add_argument(
+        "--decode",
+        action="store_true",
+        help="decode every image (default: a JPEG or PNG that opens and ends with its end marker counts as whole)",
+    )
+    check.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     _add_format_options(check)
     check.set_defaults(handler=_check)
 

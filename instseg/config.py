@@ -51,6 +51,7 @@ class DataConfig(_Section):
     aspect_ratio_grouping: bool = False
     pin_memory: bool = True  # applied only when a GPU is present
     persistent_workers: bool = True  # applied only when num_workers > 0
+    index_cache: str | None = None  # annotation indexes (instseg.data.index); None: ROOT/.instseg-index
 
 
 WEIGHT_KEYS = ("weights", "backbone_weights")  # ModelConfig keys that name a weights source
@@ -476,6 +477,7 @@ def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
     if in_ray_job_copy(base):
         check_job_paths(cfg, base)
     data_root = str((base / cfg.data.root).resolve())
+    index_cache = str((base / cfg.data.index_cache).resolve()) if cfg.data.index_cache else None
     storage = cfg.ray.storage_path
     if "://" not in storage:
         storage = str((base / storage).resolve())
@@ -485,7 +487,7 @@ def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
         weights[key] = str((base / value).resolve()) if value.endswith((".pt", ".pth")) else value
     return cfg.model_copy(
         update={
-            "data": cfg.data.model_copy(update={"root": data_root}),
+            "data": cfg.data.model_copy(update={"root": data_root, "index_cache": index_cache}),
             "ray": cfg.ray.model_copy(update={"storage_path": storage}),
             "model": cfg.model.model_copy(update=weights),
             "tracking": cfg.tracking.model_copy(update={"uri": absolute_tracking_uri(cfg.tracking.uri, base)}),

@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from instseg.config import DataConfig
-from instseg.data.coco import CocoInstanceDataset, LabelMap, annotation_path
+from instseg.data.coco import CocoInstanceDataset, LabelMap
 from instseg.data.files import atomic_write_json
+from instseg.data.formats import annotation_path
 from instseg.data.loaders import build_loader
+from instseg.data.schema import paused_gc
 from instseg.engine.loops import coco_metrics
 from instseg.errors import DataError
 from instseg.metrics.coco_eval import DEFAULT_BACKEND, Backend, CocoEvaluator
@@ -56,7 +58,7 @@ def render_example(
     instances among its first EXAMPLE_CANDIDATES, written to `path` as PNG; returns that image's id."""
     device = device or torch.device("cpu")
     dataset = CocoInstanceDataset(data.root, split, label_map=label_map, on_invalid=data.on_invalid)
-    crowd = [len(dataset.coco.imgToAnns.get(image_id, [])) for image_id in dataset.image_ids[:EXAMPLE_CANDIDATES]]
+    crowd = dataset.instance_counts()[:EXAMPLE_CANDIDATES].tolist()
     image, target = dataset[crowd.index(max(crowd))]
     output = model.eval().to(device)([image.to(device).float() / 255])[0]
     prediction = drawable(output, EXAMPLE_SCORE)
@@ -66,6 +68,7 @@ def render_example(
     return int(target["image_id"])
 
 
+@paused_gc()  # the predictions are hundreds of thousands of dicts at COCO size
 def score_model(
     model: str,
     root: Path,

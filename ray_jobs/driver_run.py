@@ -6,14 +6,14 @@ from __future__ import annotations
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray.train
 from ray.train.torch import TorchTrainer
 
 from instseg.config import Config
-from instseg.data.coco import dataset_fingerprint
-from instseg.data.loaders import build_datasets
+from instseg.data.coco import check_dataset_root, dataset_fingerprint
+from instseg.data.loaders import build_datasets, prepare_indexes
 from instseg.errors import ConfigError
 from instseg.metrics.names import FITNESS, FITNESS_MODE
 from instseg.models.bundle import bundle_from_checkpoint
@@ -42,13 +42,24 @@ class TrainSummary:
         return asdict(self)
 
 
-def preflight(cfg: Config) -> None:
-    """Open both splits in the driver (annotations and file existence, no decoding), make sure the weights
-    files are there and the tracking server answers, so that a missing or broken dataset, file or server
-    stops with its problem in seconds, before any Ray worker starts."""
-    build_datasets(cfg.data)
+def preflight(cfg: Config) -> dict[str, Any]:
+    """Find or build both splits' annotation indexes and open the splits in the driver (validated annotations
+    and file existence, no decoding), make sure the weights files are there and the tracking server answers, so
+    that a missing or broken dataset, file or server stops with its problem in seconds, before any Ray worker
+    starts. Returns what every worker and trial then takes as it is (build_trainer's `prepared`): "indexes"
+    (split -> annotation index folder) and the dataset's "fingerprint"."""
+    prepared = prepare_data(cfg, write=lambda line: print(line, flush=True))
+    build_datasets(cfg.data, prepared["indexes"])
     check_weights_available(cfg.model)
     check_tracking_reachable(cfg.tracking.uri)
+    return prepared
+
+
+def prepare_data(cfg: Config, write: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """preflight's "indexes" and "fingerprint" alone (found in seconds once preflight built the indexes)."""
+    check_dataset_root(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
+    fingerprint = _fingerprint(cfg)  # first: one read of both splits answers each split's index lookup too
+    return {"indexes": prepare_indexes(cfg.data, write), "fingerprint": fingerprint}
 
 
 def create_driver_run(cfg: Config, name: str, kind: str) -> str:

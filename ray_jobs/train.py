@@ -19,7 +19,6 @@ from instseg.cli import parse_command
 from instseg.config import Config
 from instseg.errors import InstsegError
 from instseg.metrics.names import FITNESS
-from instseg.promotion import register_run
 from instseg.redaction import redact
 from instseg.tracking.liveness import Heartbeat
 from ray_jobs.cli_common import load_config, run_cli
@@ -32,7 +31,7 @@ from ray_jobs.trainer import build_trainer
 
 def run_training(cfg: Config) -> TrainSummary:
     """cfg with absolute paths -> a finished MLflow run and its best checkpoint (Ray started if needed)."""
-    preflight(cfg)
+    prepared = preflight(cfg)
     init_ray(cfg.ray.address)
     check_shared_paths(cfg)  # on several nodes: every node sees the checkpoints and a sqlite store
     name = cfg.run_name or time.strftime("train-%Y%m%d-%H%M%S")
@@ -40,7 +39,7 @@ def run_training(cfg: Config) -> TrainSummary:
     print(
         f"{'resuming' if resumed else 'started'} MLflow run {run_id} '{name}' ({redact(cfg.tracking.uri)})", flush=True
     )
-    trainer = build_trainer(cfg, run_id=run_id, name=name)
+    trainer = build_trainer(cfg, run_id=run_id, name=name, prepared=prepared)
     try:
         with Heartbeat(cfg.tracking.uri, run_id):
             return fit_and_log(trainer, cfg, run_id)
@@ -69,6 +68,8 @@ def train_command(args: argparse.Namespace) -> int:
 
 def register_trained(cfg: Config, summary: TrainSummary, model_name: str) -> str:
     """`instseg train --register NAME`: the run's best checkpoint becomes NAME's next version (its challenger)."""
+    from instseg.promotion import register_run  # the registry and model code: only a run that registers needs it
+
     if summary.bundle_uri is None:
         raise InstsegError(f"run {summary.run_id} saved no checkpoint: no model to register as {model_name}")
     tags = {"source": "instseg train", "run_name": cfg.run_name or "", FITNESS: summary.metrics.get(FITNESS)}

@@ -61,7 +61,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """loop_config: {"config": Config.model_dump() (its tracking.uri the store), "run_id": str, "progress": "bar" |
     "lines" | "off"} (train.progress as the driver resolved it: only the driver knows whether a terminal is watching),
     and optionally "start_from": {"checkpoint": ray.train.Checkpoint, "source": trial id}: where a run without a
-    checkpoint of its own starts (PBT: another trial's weights, optimizer and schedule, with this config's values).
+    checkpoint of its own starts (PBT: another trial's weights, optimizer and schedule, with this config's values),
+    and "prepared": the driver's preflight's annotation index folders and dataset fingerprint (build_trainer).
 
     Restarted by Ray Train after a worker or node failure (and by a rerun of the same run name), it
     continues from the latest checkpoint: weights, optimizer, LR schedule, fp16 scaler, epoch and
@@ -75,7 +76,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + rank)
     apply_backend_flags()
 
-    train_set, val_set = build_datasets(cfg.data)
+    prepared = loop_config.get("prepared") or {}
+    train_set, val_set = build_datasets(cfg.data, prepared.get("indexes"))
     label_map = train_set.label_map
     device = ray.train.torch.get_device()
     model = build_model(cfg.model, label_map.num_classes)
@@ -135,11 +137,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _record_resume(logger, state, cloned_from)
     elif logger is not None:
         _log_run_setup(logger, cfg, world_size, label_map, train_set, val_set)
-        _log_datasets(logger, cfg, label_map, train_set, val_set)
+        _log_datasets(logger, cfg, label_map, train_set, val_set, prepared.get("fingerprint"))
 
     val_loader = build_loader(val_set, cfg.data, shuffle=False)
     stored_config = redact_tree(cfg.model_dump())  # checkpoints and bundles travel: no credentials in them
-    evaluator = CocoEvaluator(val_set.coco, label_map, backend=cfg.metrics.backend)
+    # the ground truth is read (pycocotools) by rank 0 alone, when it first scores an epoch
+    evaluator = CocoEvaluator(lambda: val_set.coco, label_map, backend=cfg.metrics.backend)
     table = EpochTable(cfg.train.epochs)
     progress_mode = loop_config.get("progress", "lines")
     if logger is not None:
@@ -266,14 +269,17 @@ def _log_run_setup(
         logger.log_metrics(skipped, step=0)
 
 
-def _log_datasets(logger: RunLogger, cfg: Config, label_map: Any, train_set: Any, val_set: Any) -> None:
-    """Rank 0 of a fresh run: both splits as MLflow dataset inputs (fingerprint, images, instances, classes)."""
-    fingerprint = dataset_fingerprint(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
+def _log_datasets(
+    logger: RunLogger, cfg: Config, label_map: Any, train_set: Any, val_set: Any, fingerprint: str | None
+) -> None:
+    """Rank 0 of a fresh run: both splits as MLflow dataset inputs (fingerprint (the driver's, when it passed it
+    down), images, instances, classes)."""
+    fingerprint = fingerprint or dataset_fingerprint(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
     splits = {
         context: {
             "split": name,
             "images": len(dataset),
-            "instances": len(dataset.coco.getAnnIds(dataset.image_ids)),
+            "instances": dataset.num_instances,
             "classes": label_map.num_classes - 1,
         }
         for context, name, dataset in (

@@ -47,12 +47,14 @@ def build_trainer(
     name: str,
     callbacks: list | None = None,
     start_from: dict[str, Any] | None = None,
+    prepared: dict[str, Any] | None = None,
 ) -> TorchTrainer:
     """cfg must have absolute paths (config.resolve_paths): workers run in another directory.
 
     The same `name` and storage path restore the latest checkpoint (Ray Train's run snapshot); a run of a new
     name starts from `start_from` when given (see train_loop_per_worker); `callbacks` run after the per-epoch
-    MLflow logger (ray_jobs.epoch_logger)."""
+    MLflow logger (ray_jobs.epoch_logger); `prepared` is what the driver's preflight found (annotation index
+    folders, the dataset's fingerprint), taken by every worker as it is instead of reading the data again."""
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -60,6 +62,7 @@ def build_trainer(
             "run_id": run_id,
             "progress": progress_mode(cfg.train.progress),
             "start_from": start_from,
+            "prepared": prepared or {},
         },
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from instseg.config import Config, load, resolve_paths
-from instseg.data.coco import annotation_path
+from instseg.data.formats import annotation_path
 from instseg.data.synth import synthesize
 from tests.helpers import (
     DEMO_CONFIG,

@@ -49,6 +49,7 @@ from ray_jobs.driver_run import (
     fit_and_log,
     log_checkpoint_bundle,
     preflight,
+    prepare_data,
 )
 from ray_jobs.node_loss import TrainingFailed
 from ray_jobs.runtime import ORCHESTRATION_CPUS, init_ray
@@ -72,9 +73,11 @@ def trial_driver(
     parent_run_id: str,
     study: str,
     driver: dict[str, str],
+    prepared: dict[str, Any] | None = None,
 ) -> None:
     """One Tune trial: the sampled params applied to the base config, trained by build_trainer. Its run carries
-    the study driver's tags (`driver`): the study's driver owns the trial's lifetime."""
+    the study driver's tags (`driver`): the study's driver owns the trial's lifetime. `prepared`: what the study's
+    preflight found (build_trainer), so that no trial parses, validates or fingerprints the data again."""
     cfg = apply_overrides(Config.model_validate(base_config), params)
     trial_id = tune.get_context().get_trial_id()
     run_id = _open_trial_run(cfg, parent_run_id, trial_id, driver)
@@ -91,6 +94,7 @@ def trial_driver(
         name=name,
         callbacks=[TuneReportCallback()],
         start_from=start_from,
+        prepared=prepared,
     )
     fit_and_log(trainer, cfg, run_id, closes_failed_runs=False)  # the study closes trial runs
 
@@ -146,8 +150,8 @@ def run_tuning(cfg: Config, preflighted: bool = False) -> TuneSummary:
     A run_name whose study did not finish resumes it (see the module's docstring). `preflighted`: the caller ran
     ray_jobs.driver_run.preflight on this config already (the flow does, before it dispatches any task)."""
     param_space = build_param_space(cfg.tune.search_space)
-    if not preflighted:
-        preflight(cfg)
+    # after the flow's preflight the indexes are found again in the time it takes to fingerprint the splits
+    prepared = prepare_data(cfg) if preflighted else preflight(cfg)
     init_ray(cfg.ray.address)
     check_shared_paths(cfg)  # on several nodes: every node sees the checkpoints and a sqlite store
     study = cfg.run_name or time.strftime("study-%Y%m%d-%H%M%S")
@@ -161,6 +165,7 @@ def run_tuning(cfg: Config, preflighted: bool = False) -> TuneSummary:
         parent_run_id=parent.run_id,
         study=study,
         driver={key: value for key, value in parent.tags().items() if key in DRIVER_TAGS},
+        prepared=prepared,
     )
     trainable = tune.with_resources(driver, {"cpu": ORCHESTRATION_CPUS})
     if restore_from:

@@ -8,6 +8,8 @@ from typing import Any
 
 from instseg.config import DataConfig
 from instseg.data.formats import read_dataset
+from instseg.data.parallel import available_cores
+from instseg.data.schema import paused_gc
 from instseg.data.validation import Problem, check_split, summarise_split
 
 
@@ -29,12 +31,18 @@ class CheckReport:
         return counts
 
 
-def check_dataset(root: Path, fmt: str | None = None, names: str | None = None) -> CheckReport:
+@paused_gc()
+def check_dataset(
+    root: Path, fmt: str | None = None, names: str | None = None, workers: int | None = None, decode: bool = False
+) -> CheckReport:
+    """Every split's summary and problems; `workers` processes (default: one per core) share the checks, and
+    `decode` decodes every image fully (validation.image_problems)."""
     fmt, splits = read_dataset(root, fmt, names)
     report = CheckReport(root, fmt)
+    workers = available_cores() if workers is None else max(1, workers)
     for split, data in splits.items():
         report.summaries[split] = summarise_split(data)
-        report.problems.extend(check_split(data, _source_name(root, fmt, split)))
+        report.problems.extend(check_split(data, _source_name(root, fmt, split), workers, decode))
     return report
 
 

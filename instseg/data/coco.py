@@ -14,11 +14,7 @@ Target schema (torchvision detection models), one dict per image:
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,60 +24,15 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision.io import ImageReadMode, decode_image, read_file
 
-from instseg.data.formats import available_splits, image_file
+from instseg.data.formats import annotation_path, available_splits
+from instseg.data.ground_truth import LabelMap, coco_from_dict
+from instseg.data.index import IMAGE_OK, AnnotationIndex, ensure_index, fingerprints
+from instseg.data.index import META as INDEX_META
 from instseg.data.schema import read_coco_file
-from instseg.data.validation import Problem, validate_annotations
+from instseg.data.validation import Problem
 from instseg.errors import DataError
 
 Target = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class LabelMap:
-    """COCO category ids <-> contiguous model labels 1..K, with class names."""
-
-    category_ids: tuple[int, ...]
-    names: tuple[str, ...]
-
-    @classmethod
-    def from_categories(cls, categories: list[dict[str, Any]]) -> "LabelMap":
-        ordered = sorted(categories, key=lambda c: c["id"])
-        return cls(tuple(int(c["id"]) for c in ordered), tuple(str(c["name"]) for c in ordered))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LabelMap":
-        return cls(tuple(int(i) for i in data["category_ids"]), tuple(str(n) for n in data["names"]))
-
-    def to_dict(self) -> dict[str, list]:
-        return {"category_ids": list(self.category_ids), "names": list(self.names)}
-
-    @property
-    def num_classes(self) -> int:
-        """Model classes including background."""
-        return len(self.category_ids) + 1
-
-    def label(self, category_id: int) -> int:
-        return self.category_ids.index(category_id) + 1
-
-    def category_id(self, label: int) -> int:
-        return self.category_ids[label - 1]
-
-
-def annotation_path(root: str | Path, split: str) -> Path:
-    return Path(root) / "annotations" / f"instances_{split}.json"
-
-
-def load_coco(path: Path) -> COCO:
-    """pycocotools COCO of a shape-checked file (DataError naming the file and item otherwise)."""
-    return coco_from_dict(read_coco_file(path))
-
-
-def coco_from_dict(dataset: dict[str, Any]) -> COCO:
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
 
 
 def check_dataset_root(root: str | Path, splits: tuple[str, ...]) -> None:
@@ -103,29 +54,14 @@ def check_dataset_root(root: str | Path, splits: tuple[str, ...]) -> None:
         )
 
 
-def cropped_rle(segmentation: Any, height: int, width: int) -> tuple[dict[str, Any], int, int]:
-    """(RLE of the instance mask cropped to its pixel box, x0, y0): a few hundred bytes that decode in a
-    fraction of the full-image time. Made from a full-image rasterisation, so the pixels are exactly
-    pycocotools' (rasterising a shifted polygon in the crop alone moves some boundary pixels)."""
-    rle = to_rle(segmentation, height, width)
-    x, y, w, h = (int(round(v)) for v in mask_utils.toBbox(rle))
-    crop = np.asfortranarray(mask_utils.decode(rle)[y : y + max(h, 1), x : x + max(w, 1)])
-    return mask_utils.encode(crop), x, y
-
-
-def to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
-    """Polygons, uncompressed or compressed RLE -> one compressed RLE (pycocotools)."""
-    if isinstance(segmentation, list):
-        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    if isinstance(segmentation.get("counts"), list):
-        return mask_utils.frPyObjects(segmentation, height, width)
-    if isinstance(segmentation.get("counts"), str):
-        return {"size": segmentation["size"], "counts": segmentation["counts"].encode()}
-    return segmentation
-
-
 class CocoInstanceDataset(torch.utils.data.Dataset):
     """(image uint8 [3, H, W], target) pairs; see the module docstring for the target.
+
+    Samples come from the split's annotation index (instseg.data.index: flat, memory-mapped arrays, built once
+    per version of the split and shared by every process), so opening the dataset reads no JSON and a forked
+    loader worker copies nothing. `index` names the index folder when the caller found it already (the driver
+    hands it to its workers); otherwise it is found, or built, in `index_cache`. pycocotools' COCO of the split
+    (`coco`) is read only when something asks for it: COCO evaluation of a validation split.
 
     Images stay uint8 (a quarter of float32's bytes) until the loop moves them to the device, where
     engine.loops scales them to [0, 1]."""
@@ -137,46 +73,45 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         label_map: LabelMap | None = None,
         hflip_prob: float = 0.0,
         on_invalid: str = "error",
+        index: str | Path | None = None,
+        index_cache: str | Path | None = None,
     ) -> None:
         check_dataset_root(root, (split,))
         self.root = Path(root)
         self.split = split
         self.annotation_file = annotation_path(root, split)
-        self.coco = coco_from_dict(read_coco_file(self.annotation_file))
-        self.label_map = label_map or LabelMap.from_categories(self.coco.loadCats(self.coco.getCatIds()))
+        if index is None or not (Path(index) / INDEX_META).is_file():
+            index = ensure_index(root, split, index_cache).folder  # a node that cannot see the driver's builds its own
+        self.index = AnnotationIndex(index)
+        self.label_map = label_map or LabelMap.from_categories(_categories_as_indexed(self.index.categories))
         self.hflip_prob = hflip_prob
+        self.on_invalid = on_invalid
         self.skipped = self._apply_policy(on_invalid)
-        self.image_ids = sorted(self.coco.getImgIds())
-        self._crops: dict[int, tuple[dict[str, Any], int, int]] = {}
+        self.image_ids = self.index.image_id[self._rows].tolist()
+        self._coco: COCO | None = None
 
     def _apply_policy(self, on_invalid: str) -> Counter:
-        """Validate annotations and image files; `error` raises with the problems, `skip` drops the bad
-        annotations and the images without a file, and returns the count per reason."""
+        """The index's validation problems, annotations of categories the label map lacks and images without a
+        file; `error` raises with the problems, `skip` drops the bad annotations and the images without a file,
+        and returns the count per reason. Sets the rows of the images read (_rows), each index annotation's
+        model label (_labels) and whether it is kept (_kept)."""
+        index = self.index
         source = str(self.annotation_file)
-        problems, bad = validate_annotations(self.coco.dataset, source)
-        known = set(self.label_map.category_ids)
-        for position, ann in enumerate(self.coco.dataset["annotations"]):
-            if position not in bad and ann.get("category_id") not in known:
-                problems.append(
-                    Problem(
-                        "unknown_category",
-                        source,
-                        f"annotation id {ann.get('id')}: category_id {ann.get('category_id')} "
-                        "is not among the model's classes",
-                    )
+        problems = index.problems(self.root)
+        self._labels = model_labels(self.label_map, index.category_id)
+        self._kept = self._labels > 0
+        unknown = np.flatnonzero(~self._kept)
+        for at in unknown[np.argsort(index.position[unknown], kind="stable")].tolist():
+            problems.append(
+                Problem(
+                    "unknown_category",
+                    source,
+                    f"annotation id {int(index.ann_id[at])}: category_id {int(index.category_id[at])} "
+                    "is not among the model's classes",
                 )
-                bad.add(position)
-        missing = []
-        for img in self.coco.dataset["images"]:
-            found = image_file(self.image_dir, img.get("file_name"))
-            if found is None or not found[0].is_file():
-                missing.append(img)
-                kind, why = (
-                    ("image_missing", f"{found[0]} does not exist")
-                    if found
-                    else ("image_outside_dataset", "file_name must be a relative path inside the image folder")
-                )
-                problems.append(Problem(kind, f"{source}: image id {img['id']}", why))
+            )
+        problems.extend(problem for problem, _ in index.image_problems(self.root))
+        self._rows = np.flatnonzero(index.status == IMAGE_OK)
         if not problems:
             return Counter()
         if on_invalid != "skip":
@@ -186,27 +121,63 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
                 f"Run `instseg data check {self.root}` for all of "
                 "them, or set data.on_invalid=skip to drop them"
             )
-        missing_ids = {img["id"] for img in missing}
-        dataset = dict(self.coco.dataset)
-        dataset["images"] = [img for img in dataset["images"] if img["id"] not in missing_ids]
-        dataset["annotations"] = [
-            ann
-            for position, ann in enumerate(dataset["annotations"])
-            if position not in bad and ann.get("image_id") not in missing_ids
-        ]
-        self.coco = coco_from_dict(dataset)
         return Counter(problem.kind for problem in problems)
 
-    def _masks(self, anns: list[dict[str, Any]], height: int, width: int, flip: bool = False) -> torch.Tensor:
-        """uint8 [N, H, W]: each instance is kept as an RLE of its mask cropped to its box, made the
-        first time the annotation is read (polygons are rasterised once, not every epoch); a sample
-        decodes only the crops and pastes them into zeroed masks."""
-        masks = torch.zeros((len(anns), height, width), dtype=torch.uint8)
-        for index, ann in enumerate(anns):
-            crop = self._crops.get(ann["id"])
-            if crop is None:
-                crop = self._crops[ann["id"]] = cropped_rle(ann["segmentation"], height, width)
-            rle, x0, y0 = crop
+    @property
+    def coco(self) -> COCO:
+        """pycocotools' COCO of what this dataset reads (with data.on_invalid=skip, without what it drops), read
+        from the annotation file the first time it is asked for."""
+        if self._coco is None:
+            dataset = read_coco_file(self.annotation_file)
+            if self.skipped:
+                kept_ids = set(self.image_ids)
+                rows_kept = np.zeros(len(self.index), dtype=bool)
+                rows_kept[self._rows] = True
+                image_of = np.repeat(np.arange(len(self.index)), np.diff(self.index.ann_start))
+                positions = set(self.index.position[self._kept & rows_kept[image_of]].tolist())
+                dataset = dict(dataset)
+                dataset["images"] = [img for img in dataset["images"] if img["id"] in kept_ids]
+                dataset["annotations"] = [ann for at, ann in enumerate(dataset["annotations"]) if at in positions]
+            self._coco = coco_from_dict(dataset)
+        return self._coco
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def image_dir(self) -> Path:
+        return self.root / "images" / self.split
+
+    def image_path(self, image_id: int) -> Path:
+        """Only images that passed _apply_policy are read, so the name is known to stay inside image_dir."""
+        return self.image_dir / self.index.file_name(self.index.row_of(image_id))
+
+    def image_sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(widths, heights) of the dataset's images, in dataset order, as the annotation file gives them."""
+        return self.index.width[self._rows], self.index.height[self._rows]
+
+    def instance_counts(self) -> np.ndarray:
+        """Annotations of each image, crowd regions included, in dataset order (what pycocotools' imgToAnns has)."""
+        starts, ends = self.index.ann_start[self._rows], self.index.ann_start[self._rows + 1]
+        kept = np.concatenate(([0], np.cumsum(self._kept)))
+        return kept[ends] - kept[starts]
+
+    @property
+    def num_instances(self) -> int:
+        return int(self.instance_counts().sum())
+
+    def _instances(self, row: int) -> np.ndarray:
+        """Index annotations of image row `row` that are training targets: kept, and not crowd regions (COCO
+        eval ignores matches to those; they are not instances to learn)."""
+        start, end = int(self.index.ann_start[row]), int(self.index.ann_start[row + 1])
+        return start + np.flatnonzero(self._kept[start:end] & ~self.index.iscrowd[start:end])
+
+    def _masks(self, chosen: np.ndarray, height: int, width: int, flip: bool = False) -> torch.Tensor:
+        """uint8 [N, H, W]: each instance's cropped RLE decoded and pasted into zeroed masks (mirrored when
+        flipped: the crop is never copied twice)."""
+        masks = torch.zeros((len(chosen), height, width), dtype=torch.uint8)
+        for index, at in enumerate(chosen.tolist()):
+            rle, x0, y0 = self.index.crop_rle(at)
             h, w = rle["size"]
             pixels = torch.from_numpy(mask_utils.decode(rle))
             if flip:
@@ -214,36 +185,25 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
             masks[index, y0 : y0 + h, x0 : x0 + w] = pixels
         return masks
 
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    @property
-    def image_dir(self) -> Path:
-        return self.root / "images" / self.split
-
-    def image_path(self, image_id: int) -> Path:
-        """Only images that passed _apply_policy are here, so the name is known to stay inside image_dir."""
-        return self.image_dir / self.coco.imgs[image_id]["file_name"]
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
-        image_id = self.image_ids[index]
-        path = self.image_path(image_id)
+        row = int(self._rows[index])
+        image_id = int(self.index.image_id[row])
+        path = self.image_dir / self.index.file_name(row)
         try:
             image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
         except (RuntimeError, OSError) as exc:
             raise DataError(f"{self.annotation_file}: image id {image_id}: cannot read {path} ({exc})") from None
         height, width = image.shape[-2:]
-        # crowd regions are not instances to learn (COCO eval ignores matches to them)
-        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
-        info = self.coco.imgs[image_id]
-        if (info.get("width"), info.get("height")) != (width, height):
+        expected = tuple(int(v) if v >= 0 else None for v in (self.index.width[row], self.index.height[row]))
+        if expected != (width, height):
             raise DataError(
                 f"{self.annotation_file}: image id {image_id}: {path} is {width}x{height} but the JSON says "
-                f"{info.get('width')}x{info.get('height')} (run `instseg data check {self.root}`)"
+                f"{expected[0]}x{expected[1]} (run `instseg data check {self.root}`)"
             )
+        chosen = self._instances(row)
         # horizontal flip: image, boxes and masks together (masks are pasted mirrored, never copied twice)
         flip = self.hflip_prob > 0 and torch.rand(1).item() < self.hflip_prob
-        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes = torch.from_numpy(self.index.bbox[chosen])
         boxes[:, 2:] += boxes[:, :2]
         boxes[:, 0::2].clamp_(0, width)
         boxes[:, 1::2].clamp_(0, height)
@@ -252,21 +212,33 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
             boxes[:, [0, 2]] = width - boxes[:, [2, 0]]
         target: Target = {
             "boxes": boxes,
-            "labels": torch.tensor([self.label_map.label(a["category_id"]) for a in anns], dtype=torch.int64),
-            "masks": self._masks(anns, height, width, flip),
+            "labels": torch.from_numpy(self._labels[chosen]),
+            "masks": self._masks(chosen, height, width, flip),
             "image_id": image_id,
-            "area": torch.tensor([a["area"] for a in anns], dtype=torch.float32),
-            "iscrowd": torch.zeros(len(anns), dtype=torch.int64),
+            "area": torch.from_numpy(self.index.area[chosen]),
+            "iscrowd": torch.zeros(len(chosen), dtype=torch.int64),
         }
         return image, target
 
 
+def model_labels(label_map: LabelMap, category_ids: np.ndarray) -> np.ndarray:
+    """int64 model label (1..K) of each COCO category id, 0 for an id the label map lacks."""
+    ids = np.asarray(label_map.category_ids, dtype=np.int64)
+    if not len(ids):
+        return np.zeros(len(category_ids), dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    found = np.minimum(np.searchsorted(ids[order], category_ids), len(ids) - 1)
+    return np.where(ids[order][found] == category_ids, order[found] + 1, 0).astype(np.int64)
+
+
+def _categories_as_indexed(categories: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The categories as pycocotools' loadCats(getCatIds()) lists them: one entry per entry of the file, each
+    showing the last entry of its id."""
+    last = {category["id"]: category for category in categories}
+    return [last[category["id"]] for category in categories]
+
+
 def dataset_fingerprint(root: str | Path, splits: tuple[str, ...]) -> str:
     """sha256 of the splits' annotation files plus each image's name and size: tags runs with their
-    data in seconds even for COCO-sized folders (image bytes are not read)."""
-    digest = hashlib.sha256()
-    for split in splits:
-        digest.update(annotation_path(root, split).read_bytes())
-        for image in sorted((Path(root) / "images" / split).glob("*")):
-            digest.update(f"{image.name}:{image.stat().st_size};".encode())
-    return digest.hexdigest()[:16]
+    data in seconds even for COCO-sized folders (image bytes are not read; see index.fingerprints)."""
+    return fingerprints(root, splits)[0]

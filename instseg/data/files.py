@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import orjson
+
 from instseg.errors import DataError
 
 STAGING_MARK = ".instseg-staging-"  # the name prefix of our temp folders, found and removed on the next run
@@ -62,9 +64,22 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         tmp.write_text(text)
 
 
-def atomic_write_json(path: str | os.PathLike[str], data: Any, indent: int | None = None) -> None:
-    """JSON to a temp file beside `path`, then renamed over it: a crash leaves the old file or the new one."""
-    atomic_write_text(path, json.dumps(data, indent=indent))
+def json_bytes(data: Any, plain: bool = True, indent: int | None = None) -> bytes:
+    """JSON of `data`. Compact output of `plain` data (no NaN or Infinity, integers within 64 bits, string keys:
+    what orjson parsed, schema.parse_json) comes from orjson, ten times faster than json at COCO size."""
+    if indent is None and plain:
+        try:
+            return orjson.dumps(data)
+        except TypeError:  # a key or value orjson does not take (an int key, a big integer): json writes it
+            pass
+    return json.dumps(data, indent=indent).encode()
+
+
+def atomic_write_json(path: str | os.PathLike[str], data: Any, indent: int | None = None, plain: bool = True) -> None:
+    """JSON (json_bytes) to a temp file beside `path`, then renamed over it: a crash leaves the old file or the new
+    one."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(json_bytes(data, plain, indent))
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -119,15 +134,17 @@ def staged_folder(destination: Path) -> Iterator[Path]:
             remove_stale_staging(destination.parent, destination.name)
 
 
+INDEX_FOLDER = ".instseg-index"  # the annotation indexes of a dataset, beside its data (instseg.data.index)
 MADE_BY_KEY = "instseg_made_by"  # in an annotation file's "info": the command of ours that wrote the dataset
 # the "description" of synthetic datasets: our only mark on those written before MADE_BY_KEY existed
 SYNTH_DESCRIPTION = "instseg synthetic shapes"
 
 
 def is_our_dataset(folder: Path) -> bool:
-    """A folder that one of our commands wrote and nobody added to: only annotations/ and images/, and its
+    """A folder that one of our commands wrote and nobody added to: only annotations/ and images/ (and the
+    annotation indexes we cache beside them), and its
     first annotation file says so (our mark, or for synthetic data from before the mark, our description)."""
-    if {entry.name for entry in folder.iterdir()} - {"annotations", "images"}:
+    if {entry.name for entry in folder.iterdir()} - {"annotations", "images", INDEX_FOLDER}:
         return False
     files = sorted((folder / "annotations").glob("instances_*.json"))
     if not files:

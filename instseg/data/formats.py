@@ -22,7 +22,7 @@ import yaml
 from PIL import Image
 
 from instseg.data.files import MADE_BY_KEY, atomic_write_json, check_destination, link_or_copy, staged_folder
-from instseg.data.schema import read_coco_file
+from instseg.data.schema import paused_gc, read_coco_bytes, read_file_bytes
 from instseg.errors import DataError
 
 FORMATS = ("coco", "roboflow", "yolo")
@@ -52,6 +52,7 @@ class SplitData:
     unlabeled_images: list[Path] = field(default_factory=list)  # YOLO images without a label file
     relative_names: dict[int, str] = field(default_factory=dict)  # image id -> file_name below its image folder
     outside: dict[int, str] = field(default_factory=dict)  # image id -> a file_name that leaves the image folder
+    plain: bool = False  # orjson can write coco back unchanged (schema.parse_json); YOLO's floats may be NaN
 
 
 def image_file(image_dir: Path, file_name: Any) -> tuple[Path, str] | None:
@@ -66,8 +67,8 @@ def image_file(image_dir: Path, file_name: Any) -> tuple[Path, str] | None:
     return image_dir / relative, relative
 
 
-def _index_images(coco: dict[str, Any], image_dir: Path) -> SplitData:
-    data = SplitData(coco, {})
+def _index_images(coco: dict[str, Any], image_dir: Path, plain: bool = False) -> SplitData:
+    data = SplitData(coco, {}, plain=plain)
     for image in coco["images"]:
         found = image_file(image_dir, image.get("file_name"))
         if found is None:
@@ -99,6 +100,11 @@ def _image_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
+def annotation_path(root: str | Path, split: str) -> Path:
+    """instseg's COCO layout: ROOT/annotations/instances_{split}.json."""
+    return Path(root) / "annotations" / f"instances_{split}.json"
+
+
 def available_splits(root: str | Path) -> list[str]:
     """The splits of instseg's COCO layout at ROOT: those with an annotations/instances_{split}.json, sorted."""
     files = (Path(root) / "annotations").glob("instances_*.json")
@@ -110,7 +116,8 @@ def read_coco(root: Path) -> dict[str, SplitData]:
     for split in available_splits(root):
         ann_file = root / "annotations" / f"instances_{split}.json"
         image_dir = next((d for d in (root / "images" / split, root / split) if d.is_dir()), root / "images" / split)
-        splits[split] = _index_images(read_coco_file(ann_file), image_dir)
+        coco, plain = read_coco_bytes(ann_file, read_file_bytes(ann_file))
+        splits[split] = _index_images(coco, image_dir, plain)
     return splits
 
 
@@ -118,7 +125,8 @@ def read_roboflow(root: Path) -> dict[str, SplitData]:
     splits = {}
     for ann_file in sorted(root.glob(f"*/{ROBOFLOW_JSON}")):
         split = "val" if ann_file.parent.name == "valid" else ann_file.parent.name
-        splits[split] = _index_images(read_coco_file(ann_file), ann_file.parent)
+        coco, plain = read_coco_bytes(ann_file, read_file_bytes(ann_file))
+        splits[split] = _index_images(coco, ann_file.parent, plain)
     return splits
 
 
@@ -251,6 +259,7 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+@paused_gc()
 def convert(
     src: Path, dst: Path, fmt: str | None = None, names: str | None = None, overwrite: bool = False
 ) -> dict[str, dict[str, int]]:
@@ -292,7 +301,7 @@ def convert(
                 "annotations": annotations,
             }
             (staging / "annotations").mkdir(exist_ok=True)
-            atomic_write_json(staging / "annotations" / f"instances_{split}.json", coco)
+            atomic_write_json(staging / "annotations" / f"instances_{split}.json", coco, plain=data.plain)
             used = {a["category_id"] for a in annotations}
             counts[split] = {"images": len(images), "instances": len(annotations), "classes": len(used)}
     return counts

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
 from instseg.config import DataConfig
 from instseg.data.coco import CocoInstanceDataset, check_dataset_root
+from instseg.data.index import build_progress, ensure_index
 
 
 def collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
@@ -18,10 +19,35 @@ def collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
     return list(images), list(targets)
 
 
-def build_datasets(data: DataConfig) -> tuple[CocoInstanceDataset, CocoInstanceDataset]:
+def prepare_indexes(data: DataConfig, write: Callable[[str], None] | None = None) -> dict[str, str]:
+    """Split -> annotation index folder for the training and validation splits, each found or built (with a
+    bar or progress lines through `write`, and its time, when it is built); a driver calls this once and hands
+    the folders to every worker and trial (build_datasets)."""
     check_dataset_root(data.root, (data.train_split, data.val_split))
-    train = CocoInstanceDataset(data.root, data.train_split, hflip_prob=data.hflip_prob, on_invalid=data.on_invalid)
-    val = CocoInstanceDataset(data.root, data.val_split, label_map=train.label_map, on_invalid=data.on_invalid)
+    folders = {}
+    for split in dict.fromkeys((data.train_split, data.val_split)):
+        progress = build_progress(split, write) if write is not None else None
+        build = ensure_index(data.root, split, data.index_cache, progress=progress)
+        if build.built and write is not None:
+            write(build.describe(split))
+        folders[split] = str(build.folder)
+    return folders
+
+
+def build_datasets(
+    data: DataConfig, indexes: Mapping[str, str] | None = None
+) -> tuple[CocoInstanceDataset, CocoInstanceDataset]:
+    """The training and validation datasets; `indexes` (split -> index folder) are the annotation indexes the
+    driver found or built (instseg.data.prepare), so that a worker neither parses nor fingerprints the data."""
+    check_dataset_root(data.root, (data.train_split, data.val_split))
+    indexes = indexes or {}
+    common = {"on_invalid": data.on_invalid, "index_cache": data.index_cache}
+    train = CocoInstanceDataset(
+        data.root, data.train_split, hflip_prob=data.hflip_prob, index=indexes.get(data.train_split), **common
+    )
+    val = CocoInstanceDataset(
+        data.root, data.val_split, label_map=train.label_map, index=indexes.get(data.val_split), **common
+    )
     return train, val
 
 
@@ -90,6 +116,7 @@ class AspectRatioBatchSampler(Sampler[list[int]]):
 
 def group_by_aspect_ratio(loader: DataLoader, dataset: CocoInstanceDataset, data: DataConfig) -> DataLoader:
     """The same loader (its sampler kept, e.g. the DistributedSampler Ray Train added) with batches grouped."""
-    landscape = [dataset.coco.imgs[i]["width"] >= dataset.coco.imgs[i]["height"] for i in dataset.image_ids]
+    widths, heights = dataset.image_sizes()
+    landscape = (widths >= heights).tolist()
     sampler = AspectRatioBatchSampler(loader.sampler, landscape, data.batch_size)
     return DataLoader(dataset, batch_sampler=sampler, **loader_options(data))

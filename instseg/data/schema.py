@@ -7,11 +7,18 @@ naming the file and the item. What is wrong inside one annotation (its segmentat
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
+import orjson
+
+from instseg.data.parallel import available_cores, map_chunks
+from instseg.data.rle import covered_pixels
 from instseg.errors import DataError
 
 
@@ -24,13 +31,50 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """The cyclic garbage collector off for a block that makes or walks millions of objects without a cycle (a
+    COCO file's dicts and lists): its passes over them cost more than the work (orjson parses a COCO-sized file
+    in 6.5 s with it off, 13.7 s with it on). Reference counting still frees everything; it is back on after."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def parse_json(raw: bytes) -> tuple[Any, bool]:
+    """(the parsed value, plain): orjson reads a COCO-sized file 2-3x faster than json; what it refuses (NaN,
+    Infinity, integers beyond 64 bits) json reads as before, and `plain` is False: then only json writes the
+    value back unchanged (orjson would write NaN as null)."""
+    with paused_gc():
+        try:
+            return orjson.loads(raw), True
+        except orjson.JSONDecodeError:
+            return json.loads(raw.decode("utf-8")), False
+
+
 def read_json_file(path: Path, what: str = "JSON") -> Any:
     """The parsed file, or DataError naming it (missing, unreadable, not JSON)."""
+    return read_json_bytes(path, read_file_bytes(path), what)[0]
+
+
+def read_file_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise DataError(f"file not found: {path}")
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc})") from None
+
+
+def read_json_bytes(path: Path, raw: bytes, what: str = "JSON") -> tuple[Any, bool]:
+    """parse_json of `path`'s bytes, or DataError naming the file."""
+    try:
+        return parse_json(raw)
+    except UnicodeDecodeError as exc:
         raise DataError(f"{path}: cannot read it ({exc})") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not {what} ({exc})") from None
@@ -74,7 +118,13 @@ def check_coco_structure(data: Any, source: str | Path) -> dict[str, Any]:
 
 def read_coco_file(path: Path) -> dict[str, Any]:
     """A COCO instances file, read and shape-checked."""
-    return check_coco_structure(read_json_file(path, "readable JSON"), path)
+    return read_coco_bytes(path, read_file_bytes(path))[0]
+
+
+def read_coco_bytes(path: Path, raw: bytes) -> tuple[dict[str, Any], bool]:
+    """(the shape-checked COCO dict parsed from `raw`, `path`'s bytes; plain as in parse_json)."""
+    data, plain = read_json_bytes(path, raw, "readable JSON")
+    return check_coco_structure(data, path), plain
 
 
 def decode_rle_string(text: str) -> list[int] | None:
@@ -122,6 +172,31 @@ def rle_covers(rle: dict[str, Any]) -> bool:
     return is_rle_size(size) and runs is not None and sum(runs) == size[0] * size[1]
 
 
+PARALLEL_RLE_STRINGS = 20_000  # fewer are decoded in this process: starting workers would cost more
+
+
+def _sound_rle_strings(results: list[Any]) -> dict[int, bool]:
+    """Detection index -> True for each compressed-RLE segmentation that is sound (rle_covers), decoded for all
+    detections at once (instseg.data.rle); one a string cannot settle there is left to rle_covers."""
+    at, strings, pixels = [], [], []
+    for index, result in enumerate(results):
+        value = result.get("segmentation") if isinstance(result, dict) else None
+        if isinstance(value, dict) and isinstance(value.get("counts"), str) and is_rle_size(value.get("size")):
+            at.append(index)
+            strings.append(value["counts"])
+            pixels.append(value["size"][0] * value["size"][1])
+    if not at:
+        return {}
+    # a few large chunks over the cores: pickling the strings to a worker costs far less than decoding them
+    workers = available_cores() if len(strings) >= PARALLEL_RLE_STRINGS else 1
+    step = -(-len(strings) // workers)
+    parts = map_chunks(covered_pixels, [(strings[i : i + step],) for i in range(0, len(strings), step)], workers)
+    totals = np.concatenate([part[0] for part in parts])
+    well_formed = np.concatenate([part[1] for part in parts])
+    sound = well_formed & (totals == np.asarray(pixels, dtype=np.int64))
+    return {index: True for index, good in zip(at, sound.tolist()) if good}
+
+
 def check_results(
     results: Any, source: str | Path, images: dict[int, dict[str, Any]], category_ids: set[int], iou_type: str
 ) -> list[dict[str, Any]]:
@@ -130,6 +205,7 @@ def check_results(
     if not isinstance(results, list):
         raise DataError(f"{source}: a COCO results file is a JSON list of detections, not a {type(results).__name__}")
     needed = "segmentation" if iou_type == "segm" else "bbox"
+    sound = _sound_rle_strings(results) if needed == "segmentation" else {}
     for index, result in enumerate(results):
         where = f"{source}: detection {index}"
         if not isinstance(result, dict):
@@ -146,7 +222,9 @@ def check_results(
         value = result.get(needed)
         if needed == "bbox" and not (isinstance(value, list) and len(value) == 4 and all(is_number(v) for v in value)):
             raise DataError(f"{where}: --iou-type bbox needs 'bbox': [x, y, w, h] (got {json.dumps(value)[:40]})")
-        if needed == "segmentation" and not (isinstance(value, dict) and rle_covers(value)):
+        if needed == "segmentation" and not (
+            isinstance(value, dict) and (sound.get(index, False) or rle_covers(value))
+        ):
             raise DataError(
                 f"{where}: --iou-type segm needs 'segmentation' as an RLE object {{size, counts}} "
                 f"(got {json.dumps(value)[:40]})"

@@ -11,15 +11,16 @@ replaced only with `--overwrite`.
 
 from __future__ import annotations
 
-import json
+import os
 import random
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from instseg.data.coco import annotation_path
-from instseg.data.files import atomic_write_json, link_or_copy, staged_folder
-from instseg.data.formats import available_splits
+from instseg.data.files import atomic_path, json_bytes, link_or_copy, staged_folder
+from instseg.data.formats import annotation_path, available_splits
+from instseg.data.schema import parse_json, paused_gc
 from instseg.errors import DataError
 
 
@@ -59,19 +60,28 @@ def stratified_val_ids(coco: dict[str, Any], val_fraction: float, seed: int, gro
         for c in classes[key]:
             wanted[side][c] -= 1
 
-    unassigned = [key for key in order if classes[key]]
-    while unassigned:
-        remaining = Counter(c for key in unassigned for c in classes[key])
+    # each round: the class with the fewest unassigned images (counted as keys go, not recounted every round)
+    # and its unassigned keys in shuffled order
+    remaining = Counter(c for key in order for c in classes[key])
+    keys_of: dict[int, list[str]] = defaultdict(list)
+    for key in order:
+        for c in classes[key]:
+            keys_of[c].append(key)
+    while remaining:
         rarest = min(remaining, key=lambda c: (remaining[c], c))
-        for key in [key for key in unassigned if rarest in classes[key]]:
+        for key in [key for key in keys_of.pop(rarest) if key not in side_of]:
             assign(key, max(shares, key=lambda side: (wanted[side][rarest], wanted_images[side], rng.random())))
-        unassigned = [key for key in unassigned if key not in side_of]
+            for c in classes[key]:
+                remaining[c] -= 1
+                if not remaining[c]:
+                    del remaining[c]
     for key in order:  # images without instances: wherever images are still wanted
         if key not in side_of:
             assign(key, max(shares, key=lambda side: (wanted_images[side], rng.random())))
     return {image_id for key, side in side_of.items() if side == "val" for image_id in groups[key]}
 
 
+@paused_gc()
 def split_dataset(
     root: Path,
     val_fraction: float = 0.2,
@@ -105,8 +115,8 @@ def split_dataset(
     if existing and not overwrite:
         raise DataError(f"{root} already has split(s) {', '.join(existing)}: pass --overwrite to replace them")
     try:
-        coco = json.loads(annotation_path(root, source).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        coco, plain = parse_json(annotation_path(root, source).read_bytes())
+    except (OSError, ValueError) as exc:
         raise DataError(f"{annotation_path(root, source)}: not readable as JSON ({exc})") from None
     if (
         not isinstance(coco, dict)
@@ -125,19 +135,32 @@ def split_dataset(
     for split, images in parts.items():
         ids = {image["id"] for image in images}
         annotations = [ann for ann in coco["annotations"] if ann["image_id"] in ids]
-        _write_split(root, source, split, {**coco, "images": images, "annotations": annotations})
+        _write_split(root, source, split, {**coco, "images": images, "annotations": annotations}, plain)
         counts[split] = {"images": len(images), "instances": len(annotations)}
     return counts
 
 
-def _write_split(root: Path, source: str, split: str, coco: dict[str, Any]) -> None:
-    """Images into a temp folder, then the folder and the annotation file renamed into place."""
-    with staged_folder(root / "images" / split) as staging:
+def _write_split(root: Path, source: str, split: str, coco: dict[str, Any], plain: bool) -> None:
+    """Images into a temp folder, then the folder and the annotation file renamed into place. The JSON is
+    encoded while the images are linked (a thread: linking waits on the file system, not on the interpreter)."""
+    with staged_folder(root / "images" / split) as staging, ThreadPoolExecutor(1) as encoder:
+        encoded = encoder.submit(json_bytes, coco, plain)
+        origin_dir, made = root / "images" / source, set()
         for image in coco["images"]:
-            origin = root / "images" / source / image["file_name"]
-            if not origin.is_file():
-                raise DataError(f"{annotation_path(root, source)}: image id {image['id']}: {origin} does not exist")
-            target = staging / image["file_name"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            link_or_copy(origin, target)
-    atomic_write_json(annotation_path(root, split), coco)
+            origin = os.path.join(origin_dir, image["file_name"])
+            target = os.path.join(staging, image["file_name"])
+            parent = os.path.dirname(target)
+            if parent not in made:  # one mkdir per folder, not per image
+                os.makedirs(parent, exist_ok=True)
+                made.add(parent)
+            try:
+                link_or_copy(origin, target)
+            except OSError:
+                if os.path.isfile(origin):
+                    raise
+                raise DataError(
+                    f"{annotation_path(root, source)}: image id {image['id']}: {origin} does not exist"
+                ) from None
+        data = encoded.result()
+    with atomic_path(annotation_path(root, split)) as tmp:
+        tmp.write_bytes(data)

@@ -195,7 +195,8 @@ def synthesize(
                 image_id += 1
                 ann_id += len(anns)
             (staging / "annotations").mkdir(exist_ok=True)
-            atomic_write_json(staging / "annotations" / f"instances_{split}.json", coco)
+            # json, not orjson: the same bytes as synthetic datasets always had (and the same fingerprints)
+            atomic_write_json(staging / "annotations" / f"instances_{split}.json", coco, plain=False)
             counts[f"{split}_images"] = count
             counts[f"{split}_instances"] = len(coco["annotations"])
     return counts

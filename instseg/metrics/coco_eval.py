@@ -9,32 +9,22 @@ every pixel, and pycocotools' string compression of the counts is all that runs 
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import io
-import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterable, Literal
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
-from instseg.data.coco import LabelMap
+from instseg.data.ground_truth import LabelMap
+from instseg.metrics.coco_scoring import DEFAULT_BACKEND, IOU_TYPES, Backend, coco_stats, results_for
 from instseg.metrics.names import COCO_STAT_NAMES, val_key
 
-IOU_TYPES = ("bbox", "segm")
 MASK_THRESHOLD = 0.5
-Backend = Literal["faster", "pycocotools"]
-DEFAULT_BACKEND: Backend = "faster"  # reproduces the official cocoapi stats to 1e-9 (tests/unit/test_coco_eval.py)
 ENCODE_THREADS = 2
 MAX_QUEUED_IMAGES = 16  # images whose masks wait for encoding (on the GPU: up to ~64 MB each at 800 px)
-# faster-coco-eval rewrites the annotations it indexes (polygons become RLE), so it gets its own copy, made
-# once per ground truth and dropped with it
-_FASTER_GT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def binary_masks(output: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -96,66 +86,29 @@ def to_coco_results(
     return results
 
 
-def results_for(results: list[dict[str, Any]], iou_type: str) -> list[dict[str, Any]]:
-    """Fresh dicts holding only the keys of one IoU type, as pycocotools expects.
-
-    loadRes takes its bbox branch (box area, not mask area) whenever "bbox" is present, and it
-    writes into the dicts it is given, so each evaluation gets its own copies."""
-    drop = "segmentation" if iou_type == "bbox" else "bbox"
-    return [{k: v for k, v in r.items() if k != drop} for r in results]
-
-
-def faster_ground_truth(coco_gt: COCO):
-    """faster-coco-eval's index of `coco_gt`, built on a copy the first time and kept while coco_gt lives."""
-    from faster_coco_eval import COCO as FasterCOCO  # imported on use: a C++ extension the CLI rarely needs
-
-    if coco_gt not in _FASTER_GT:
-        _FASTER_GT[coco_gt] = FasterCOCO(copy.deepcopy(coco_gt.dataset))
-    return _FASTER_GT[coco_gt]
-
-
-def coco_stats(
-    coco_gt: COCO,
-    results: list[dict[str, Any]],
-    iou_type: str,
-    image_ids: Iterable[int] | None = None,
-    backend: Backend = DEFAULT_BACKEND,
-) -> list[float]:
-    """The 12 COCOeval stats; all zeros when there are no detections (loadRes refuses an empty list)."""
-    if not results:
-        return [0.0] * len(COCO_STAT_NAMES)
-    with contextlib.redirect_stdout(io.StringIO()):
-        if backend == "faster":
-            from faster_coco_eval import COCOeval_faster
-
-            gt = faster_ground_truth(coco_gt)
-            evaluator = COCOeval_faster(gt, gt.loadRes(results), iouType=iou_type, print_function=lambda *_: None)
-        else:
-            evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), iouType=iou_type)
-        if image_ids is not None:
-            evaluator.params.imgIds = sorted(image_ids)
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return [float(s) for s in evaluator.stats[: len(COCO_STAT_NAMES)]]
-
-
 class CocoEvaluator:
     """Collects predictions image by image, then computes `val/{bbox,segm}_{stat}` metrics."""
 
     def __init__(
         self,
-        coco_gt: COCO,
+        coco_gt: COCO | Callable[[], COCO],
         label_map: LabelMap,
         iou_types: tuple[str, ...] = IOU_TYPES,
         backend: Backend = DEFAULT_BACKEND,
     ) -> None:
-        self.coco_gt = coco_gt
+        # a callable is asked for the ground truth only by compute(): in training only rank 0 ever reads it
+        self._coco_gt = coco_gt
         self.label_map = label_map
         self.iou_types = iou_types
         self.backend = backend
         self._encoder: ThreadPoolExecutor | None = None
         self.reset()
+
+    @property
+    def coco_gt(self) -> COCO:
+        if callable(self._coco_gt):
+            self._coco_gt = self._coco_gt()
+        return self._coco_gt
 
     def reset(self) -> None:
         self._results: list[dict[str, Any]] = []

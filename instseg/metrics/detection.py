@@ -70,14 +70,20 @@ def match_predictions(
 ) -> np.ndarray:
     """bool [n_pred, n_thresholds]: prediction i is a true positive (same class) at threshold t; `ultralytics`
     pairs them as Ultralytics does (first_index_matches)."""
-    pairs = first_index_matches if ultralytics else greedy_matches
     correct = np.zeros((len(pred_classes), len(thresholds)), dtype=bool)
     if len(pred_classes) == 0 or len(true_classes) == 0:
         return correct
     iou = same_class_iou(iou, pred_classes, true_classes)
-    for t, threshold in enumerate(thresholds):
-        _, pred_idx = pairs(iou, threshold)
-        correct[pred_idx, t] = True
+    if ultralytics:
+        for t, threshold in enumerate(thresholds):
+            _, pred_idx = first_index_matches(iou, threshold)
+            correct[pred_idx, t] = True
+        return correct
+    # greedy_matches at every threshold in one pass: the pairs at IoU >= t are a prefix of the pairs by decreasing
+    # IoU, so each threshold keeps exactly the pairs greedy_matches keeps at the lowest one whose IoU reaches it
+    gt_idx, pred_idx = greedy_matches(iou, float(np.min(thresholds)))
+    reached = iou[gt_idx, pred_idx][:, None] >= np.asarray(thresholds)[None, :]
+    correct[pred_idx] = reached
     return correct
 
 

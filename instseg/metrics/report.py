@@ -10,9 +10,10 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from instseg.data.coco import LabelMap, to_rle
 from instseg.data.files import atomic_write_json
-from instseg.metrics.coco_eval import DEFAULT_BACKEND, Backend, coco_stats, results_for
+from instseg.data.ground_truth import LabelMap
+from instseg.data.rle import to_rle
+from instseg.metrics.coco_scoring import DEFAULT_BACKEND, Backend, coco_stats, results_for
 from instseg.metrics.detection import (
     ClassCurves,
     ConfusionMatrix,
@@ -33,9 +34,15 @@ def _iou_and_areas(
     """IoU [n_true, n_pred] and the areas of ground truth and predictions (mask or box)."""
     if iou_type == "segm":
         gt_items = [coco_gt.annToRLE(g) for g in gts]
-        dt_items = [to_rle(d["segmentation"], *d["segmentation"]["size"]) for d in dts]
-        gt_areas = np.array([mask_utils.area(r) for r in gt_items], dtype=float)
-        dt_areas = np.array([mask_utils.area(r) for r in dt_items], dtype=float)
+        # compressed RLE (nearly every results file) goes to pycocotools as it is; run-length lists are compressed
+        dt_items = [
+            d["segmentation"]
+            if isinstance(d["segmentation"]["counts"], (str, bytes))
+            else to_rle(d["segmentation"], *d["segmentation"]["size"])
+            for d in dts
+        ]
+        gt_areas = np.asarray(mask_utils.area(gt_items) if gt_items else [], dtype=float)
+        dt_areas = np.asarray(mask_utils.area(dt_items) if dt_items else [], dtype=float)
     else:
         gt_items, dt_items = [g["bbox"] for g in gts], [d["bbox"] for d in dts]
         gt_areas = np.array([b[2] * b[3] for b in gt_items], dtype=float)

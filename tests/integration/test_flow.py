@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
 from instseg.cli import main as cli_main
-from instseg.data.coco import load_coco
+from instseg.data.ground_truth import load_coco
 from instseg.evaluation import evaluate_on_split
 from instseg.metrics.names import FITNESS
 from instseg.models.bundle import load_bundle

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from instseg.cli import main as cli_main
-from instseg.data.coco import to_rle
 from instseg.data.files import STAGING_MARK, staged_folder
+from instseg.data.rle import to_rle
 from tests.helpers import shared_dataset
 
 pytestmark = pytest.mark.integration

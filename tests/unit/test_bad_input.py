@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -201,7 +202,7 @@ DATA_CHECK_CASES = [
 DATA_CHECK_CASES[[c[0] for c in DATA_CHECK_CASES].index("polygon-nan")] = (
     "polygon-nan",
     lambda root: (root / TRAIN_JSON).write_text(
-        (root / TRAIN_JSON).read_text().replace('"segmentation": [[', '"segmentation": [[NaN, NaN, ', 1)
+        re.sub(r'"segmentation":\s*\[\[', '"segmentation": [[NaN, NaN, ', (root / TRAIN_JSON).read_text(), count=1)
     ),
     1,
     [ANN, "coordinate_not_finite"],

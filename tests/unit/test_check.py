@@ -232,3 +232,58 @@ def test_training_on_a_broken_dataset_stops_before_ray_in_one_line(tmp_path, syn
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "empty_segmentation" in proc.stderr and "data.on_invalid=skip" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_every_problem_at_once_is_found_the_same_by_one_process_and_by_several(tmp_path, synth_root):
+    """The checks spread over worker processes find what one process finds, in the same order."""
+    from instseg.data.check import check_dataset, format_report
+
+    root = tmp_path / "broken"
+    shutil.copytree(synth_root, root)
+    coco = _coco(root)
+    anns, images = coco["annotations"], coco["images"]
+    segmentations = [
+        [[10, 10, 20, 20]],
+        [[10, 10, 20, 20, 30]],
+        [[10, 10, float("nan"), 20, 30, 40]],
+        [[-5, 10, 20, 20, 30, 40]],
+    ]
+    segmentations += [[[10, 10, 500, 20, 30, 40]], [[10, 10, 20, 20, 30, 30]], []]
+    for ann, segmentation in zip(anns, segmentations):
+        ann["segmentation"] = segmentation
+    anns[7]["bbox"], anns[8]["image_id"], anns[9]["category_id"], anns[10]["id"] = (
+        [1, 1, 0, 5],
+        99999,
+        42,
+        anns[11]["id"],
+    )
+    folder = root / "images" / "train"
+    (folder / images[0]["file_name"]).unlink()
+    (folder / images[1]["file_name"]).write_bytes(b"not an image")
+    (folder / images[2]["file_name"]).write_bytes((folder / images[2]["file_name"]).read_bytes()[:400])
+    images[3]["width"] += 7
+    _save(root, coco)
+    alone = check_dataset(root, workers=1)
+    spread = check_dataset(root, workers=3)
+    assert len(alone.problems) == 15 and format_report(spread) == format_report(alone)
+
+
+def test_a_whole_jpeg_is_not_decoded_unless_asked_and_a_cut_one_always_is(tmp_path, synth_root, capsys):
+    from instseg.data.validation import image_problems
+
+    root = tmp_path / "images"
+    shutil.copytree(synth_root, root)
+    coco = _coco(root)
+    first = root / "images" / "train" / coco["images"][0]["file_name"]
+    whole = first.read_bytes()
+    first.write_bytes(whole + b"\x00" * 8)  # padding after the end marker: still whole
+    assert image_problems(first, 0, 0, "x") == []
+    # the middle of the file garbled, its end intact: only --decode reads that far
+    middle = len(whole) // 2
+    first.write_bytes(whole[:middle] + bytes(range(200)) + whole[middle + 200 :])
+    assert image_problems(first, 0, 0, "x") == []
+    assert cli_main(["data", "check", str(root), "--decode"]) in (0, 1)
+    capsys.readouterr()
+    first.write_bytes(whole[:400])
+    fast, decoded = image_problems(first, 0, 0, "x"), image_problems(first, 0, 0, "x", decode=True)
+    assert [p.kind for p in fast] == ["image_unreadable"] and fast == decoded

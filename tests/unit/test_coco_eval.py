@@ -1,11 +1,14 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from instseg.data.coco import CocoInstanceDataset, load_coco
-from instseg.metrics.coco_eval import CocoEvaluator, coco_stats, device_rle
+from instseg.data.coco import CocoInstanceDataset
+from instseg.data.ground_truth import load_coco
+from instseg.metrics.coco_eval import CocoEvaluator, device_rle
+from instseg.metrics.coco_scoring import coco_stats
 from instseg.metrics.fitness import fitness
 from instseg.metrics.names import COCO_STAT_NAMES
 from tests.helpers import shared_dir
@@ -80,3 +83,30 @@ def test_rle_found_on_the_device_is_pycocotools_encoding():
     masks[6, :, 0] = True
     expected = mask_utils.encode(masks.view(torch.uint8).numpy().transpose(2, 1, 0))
     assert device_rle(masks) == expected
+
+
+def test_results_are_refused_or_taken_as_the_one_by_one_rle_check_decides():
+    """check_results decodes every result's RLE at once (numpy, over the cores): it must take and refuse exactly
+    what the one-string-at-a-time check (schema.rle_covers) takes and refuses, first bad detection named."""
+    import random
+
+    from instseg.data.schema import _sound_rle_strings, check_results, rle_covers
+    from instseg.errors import DataError
+
+    rng = random.Random(5)
+    mask = np.zeros((5, 6), dtype=np.uint8, order="F")
+    mask[1:3, 2:5] = 1
+    good = mask_utils.encode(mask)["counts"].decode()
+    strings = [good, "", "garbage!!", "PPYo0", "0" * 3, "```````0", "<1"]
+    # more than PARALLEL_RLE_STRINGS: the strings are decoded in worker processes
+    strings += ["".join(chr(48 + rng.randrange(0, 66)) for _ in range(rng.randrange(0, 8))) for _ in range(21_000)]
+    results = [{"segmentation": {"size": [5, 6], "counts": text}} for text in strings]
+    sound = _sound_rle_strings(results)
+    for index, result in enumerate(results):
+        assert (sound.get(index, False) or rle_covers(result["segmentation"])) == rle_covers(result["segmentation"])
+    images = {1: {"height": 5, "width": 6}}
+    detections = [{"image_id": 1, "category_id": 1, "score": 0.5, **r} for r in results]
+    first_bad = next(i for i, r in enumerate(results) if not rle_covers(r["segmentation"]))
+    with pytest.raises(DataError, match=f"results.json: detection {first_bad}: --iou-type segm needs"):
+        check_results(detections, "results.json", images, {1}, "segm")
+    assert check_results(detections[:1], "results.json", images, {1}, "segm") == detections[:1]

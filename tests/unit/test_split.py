@@ -9,8 +9,7 @@ import pytest
 
 from instseg.cli import main as cli_main
 from instseg.config import DataConfig
-from instseg.data.coco import annotation_path
-from instseg.data.formats import convert
+from instseg.data.formats import annotation_path, convert
 from instseg.data.loaders import build_datasets
 from instseg.data.split import stratified_val_ids
 from instseg.errors import DataError
@@ -118,3 +117,61 @@ def test_split_of_a_file_that_is_not_coco_is_one_line(tmp_path, capsys):
     assert "not a COCO instances file" in capsys.readouterr().err
     assert cli_main(["data", "split", str(tmp_path / "nowhere")]) == 2
     assert "no annotations/instances_*.json" in capsys.readouterr().err
+
+
+def _recounting_split(coco, val_fraction, seed, group_by_folder=False):
+    """The split as first written: the remaining images of every class recounted each round (quadratic in the
+    images at COCO size); the counted-as-they-go version must give exactly the same val ids."""
+    from collections import Counter
+    from pathlib import Path
+
+    groups = defaultdict(list)
+    for image in sorted(coco["images"], key=lambda i: i["id"]):
+        groups[str(Path(image["file_name"]).parent) if group_by_folder else str(image["id"])].append(image["id"])
+    classes_of_image = defaultdict(set)
+    for ann in coco["annotations"]:
+        if not ann.get("iscrowd", 0):
+            classes_of_image[ann["image_id"]].add(ann["category_id"])
+    classes = {key: set().union(*(classes_of_image[i] for i in ids)) for key, ids in groups.items()}
+    rng = random.Random(seed)
+    order = list(groups)
+    rng.shuffle(order)
+    shares = {"val": val_fraction, "train": 1 - val_fraction}
+    per_class = Counter(c for key in order for c in classes[key])
+    wanted = {side: {c: share * n for c, n in per_class.items()} for side, share in shares.items()}
+    wanted_images = {side: share * len(coco["images"]) for side, share in shares.items()}
+    side_of = {}
+
+    def assign(key, side):
+        side_of[key] = side
+        wanted_images[side] -= len(groups[key])
+        for c in classes[key]:
+            wanted[side][c] -= 1
+
+    unassigned = [key for key in order if classes[key]]
+    while unassigned:
+        remaining = Counter(c for key in unassigned for c in classes[key])
+        rarest = min(remaining, key=lambda c: (remaining[c], c))
+        for key in [key for key in unassigned if rarest in classes[key]]:
+            assign(key, max(shares, key=lambda side: (wanted[side][rarest], wanted_images[side], rng.random())))
+        unassigned = [key for key in unassigned if key not in side_of]
+    for key in order:
+        if key not in side_of:
+            assign(key, max(shares, key=lambda side: (wanted_images[side], rng.random())))
+    return {image_id for key, side in side_of.items() if side == "val" for image_id in groups[key]}
+
+
+def test_the_split_is_the_one_the_recounting_algorithm_makes(coco128):
+    source = _coco(coco128, "train2017")
+    rng = random.Random(7)
+    folders = {"images": [{"id": i, "file_name": f"f{i % 37}/{i}.jpg"} for i in range(300)], "annotations": []}
+    folders["annotations"] = [
+        {"id": k, "image_id": rng.randrange(300), "category_id": rng.randrange(1, 30), "iscrowd": int(k % 50 == 0)}
+        for k in range(1500)
+    ]
+    for coco, grouped in ((source, False), (folders, False), (folders, True)):
+        for seed in range(2):
+            for fraction in (0.05, 0.3):
+                assert stratified_val_ids(coco, fraction, seed, grouped) == _recounting_split(
+                    coco, fraction, seed, grouped
+                )
